@@ -1,0 +1,1 @@
+"""EfficientNet training through DeepSpeed that reproduces the TF recipe."""

@@ -1,0 +1,83 @@
+"""Command line: `python -m trainer VERB ...` (also under `deepspeed --module trainer`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, available_recipes, load_config, read_recipe
+
+OVERRIDES_HELP = """\
+overrides are key=value pairs on the config tree, the value read as YAML:
+  train.epochs=5  optim.lr=0.05  data.hflip=0  wandb.mode=disabled  model.name=efficientnet_b1
+an unknown key, a wrong type or an out-of-range value stops the run (exit 2) before
+anything is written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="EfficientNet training through DeepSpeed, reproducing the TF recipe and its ablations.",
+        epilog="verbs:\n  train     train a recipe (see `train --help`)\n  recipes   list recipes and their variants\n\n"
+               f"recipes: {', '.join(available_recipes())}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    train = verbs.add_parser(
+        "train", help="train a recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train RECIPE (YAML under trainer/recipes/), optionally one of its variants, with overrides.",
+        epilog=f"recipes: {', '.join(available_recipes())}\n\n{OVERRIDES_HELP}\n\n"
+               "examples:\n  python -m trainer train --recipe demo\n"
+               "  python -m trainer train --recipe demo train.epochs=2 --run-dir runs/short\n"
+               "  deepspeed --num_gpus 8 --module trainer train --recipe demo\n")
+    train.add_argument("--recipe", default="demo", help="recipe name (default: demo)")
+    train.add_argument("--variant", help="a named variant of the recipe (see `recipes`)")
+    train.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>-<timestamp>/)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --run-dir from its latest checkpoint (it must have one); "
+                            "the override resume=auto continues if there is one and starts fresh otherwise")
+    train.add_argument("--stop-at-step", type=int, metavar="N",
+                       help="stop after optimizer step N as if interrupted (checkpoint, status interrupted)")
+    train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    verbs.add_parser("recipes", help="list recipes and their variants")
+    return parser
+
+
+def cmd_train(args) -> int:
+    overrides = [o for o in args.overrides if o != "resume=auto"]
+    resume = "required" if args.resume else ("auto" if len(overrides) < len(args.overrides) else None)
+    if resume and args.run_dir is None:
+        raise ConfigError("resuming needs --run-dir: the run directory to continue")
+    cfg = load_config(args.recipe, overrides, variant=args.variant)
+    from .loop import fit  # heavy imports (torch, deepspeed) only once the config is valid
+
+    summary = fit(cfg, args.run_dir, resume, stop_at_step=args.stop_at_step)
+    return 0 if summary["status"] in ("completed", "interrupted") else 1
+
+
+def cmd_recipes(args) -> int:
+    for name in available_recipes():
+        recipe = read_recipe(name)
+        print(f"{name}: {recipe.get('description', '')}")
+        for variant, body in (recipe.get("variants") or {}).items():
+            meta = body.get("meta", {})
+            print(f"  --variant {variant}: {meta.get('description', '')}"
+                  + (f" [notes row {meta['row']}: {meta.get('reference', '')}]" if "row" in meta else ""))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    # overrides may stand anywhere among the options: collect the leftovers as overrides
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.verb != "train" or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
+    try:
+        return {"train": cmd_train, "recipes": cmd_recipes}[args.verb](args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,110 @@
+"""DeepSpeed around the model: process group, the DeepSpeed config derived from
+the trainer's settings, the engine, and the EMA copy of the weights."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.utils import ModelEmaV3
+
+from .config import ConfigError, TrainConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 600) -> Distributed:
+    """Join the launcher's process group (deepspeed/torchrun set RANK etc.), or make
+    a group of one when started as plain `python -m trainer`."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))
+    return Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_ds_config_path(name: str) -> Path:
+    path = Path(name)
+    for candidate in (path, PROJECT_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"train.ds_config: DeepSpeed config {name} not found")
+
+
+def _require(ds: dict, key: str, value, source: Path, setting: str) -> None:
+    """The trainer owns batch, clipping, precision and ZeRO stage; a JSON that says
+    otherwise is an error, so the file and the run can never disagree."""
+    if ds.get(key, "auto") not in ("auto", value):
+        raise ConfigError(f"{source}: {key}={ds[key]!r} contradicts the trainer's {setting}={value!r}; "
+                          f"remove it from the file or change {setting}")
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    source = resolve_ds_config_path(cfg.ds_config)
+    try:
+        ds = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source}: not valid JSON ({err})") from None
+    global_batch = world_size * cfg.micro_batch * cfg.grad_accum
+    owned = {
+        "train_micro_batch_size_per_gpu": (cfg.micro_batch, "train.micro_batch"),
+        "gradient_accumulation_steps": (cfg.grad_accum, "train.grad_accum"),
+        "train_batch_size": (global_batch, "world size x train.micro_batch x train.grad_accum"),
+        "gradient_clipping": (cfg.grad_clip, "train.grad_clip"),
+    }
+    for key, (value, setting) in owned.items():
+        _require(ds, key, value, source, setting)
+        ds[key] = value
+    zero = dict(ds.get("zero_optimization", {}))
+    _require(zero, "stage", cfg.zero_stage, source, "train.zero_stage")
+    ds["zero_optimization"] = {**zero, "stage": cfg.zero_stage}
+    for section, precision in (("fp16", "fp16"), ("bf16", "bf16")):
+        enabled = ds.get(section, {}).get("enabled", "auto")
+        if enabled not in ("auto", cfg.precision == precision):
+            raise ConfigError(f"{source}: {section}.enabled={enabled} contradicts train.precision={cfg.precision}")
+        ds[section] = {**ds.get(section, {}), "enabled": cfg.precision == precision}
+    ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer does its own logging
+    return ds
+
+
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def build_ema(model: nn.Module, cfg: TrainConfig, device) -> ModelEmaV3:
+    """EMA on its own fp32 copy of the bare model, BN buffers included.
+
+    Built before DeepSpeed wraps (and, in fp16, casts) the model, so it never shares
+    tensors with the engine and never holds reduced-precision weights."""
+    ema = ModelEmaV3(copy.deepcopy(model), decay=cfg.ema_decay, use_warmup=cfg.ema_warmup,
+                     device=device, dtype=torch.float32, exclude_buffers=False)
+    ema.module.requires_grad_(False)
+    return ema

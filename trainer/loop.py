@@ -1,0 +1,237 @@
+"""The training run, read top to bottom: `fit` builds everything and runs the
+epochs, `train_step` is one micro batch, `evaluate` is one pass over val.
+
+    python -m trainer train --recipe demo
+"""
+from __future__ import annotations
+
+import math
+from itertools import islice
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import Config, ConfigError, save_config
+from .data import build_loaders, normalize
+from .engine import build_ds_config, build_ema, build_engine, init_distributed
+from .model import build_model
+from .optim import LRSchedule, build_optimizer, peak_lr, set_lr
+from .rundir import claim_run_dir
+from .track import Tracker
+
+METRIC_NAMES = ("top1", "top5", "ema_top1", "ema_top5")
+
+
+@dataclass
+class TrainState:
+    """The trainer's own position; checkpointed with the weights."""
+    step: int = 0  # optimizer steps taken: the lr schedule's clock
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro batches of `epoch` already consumed
+    images_seen: int = 0  # global, all ranks
+    train_seconds: float = 0.0  # wall time spent in training steps, all sessions
+    last_eval: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
+
+
+def train_step(engine, images, targets, criterion, input_dtype) -> torch.Tensor:
+    """One micro batch. DeepSpeed owns loss scaling, accumulation and clipping:
+    engine.step() applies the optimizer only at an accumulation boundary."""
+    inputs = normalize(images, engine.device, input_dtype)
+    logits = engine(inputs)
+    loss = criterion(logits.float(), targets.to(engine.device))
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, input_dtype, desc: str, show: bool) -> dict:
+    """top-1/top-5 over this rank's shard, summed over ranks: every val image counts once.
+    The model's train/eval mode is restored, so evaluating one model never changes another."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
+        targets = targets.to(device)
+        logits = model(normalize(images, device, input_dtype)).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(targets[:, None])
+        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                               F.cross_entropy(logits, targets, reduction="sum"),
+                               torch.tensor(len(targets), device=device)]).double()
+    model.train(was_training)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    correct1, correct5, loss_sum, count = totals.tolist()
+    return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count,
+            "images": int(count)}
+
+
+def evaluate_both(engine, ema, loader, input_dtype, show: bool) -> dict:
+    model = evaluate(engine, loader, engine.device, input_dtype, "eval model", show)
+    averaged = evaluate(ema.module, loader, engine.device, torch.float32, "eval EMA", show)
+    return {"top1": model["top1"], "top5": model["top5"], "val_loss": model["loss"],
+            "ema_top1": averaged["top1"], "ema_top5": averaged["top5"], "ema_val_loss": averaged["loss"],
+            "val_images": model["images"]}
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to checkpoint and stop at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+
+def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int | None = None) -> dict:
+    """resume: None (fresh run), "auto" (continue if a checkpoint exists) or "required".
+    stop_at_step: behave as if interrupted right after that optimizer step."""
+    dist = init_distributed()
+    t = cfg.train
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+
+    # -- build: everything that can reject the config happens before the run directory exists
+    loaders = build_loaders(cfg.data, t.micro_batch, cfg.seed, dist.rank, dist.world_size)
+    steps_per_epoch = len(loaders.train) // t.grad_accum
+    global_batch = dist.world_size * t.micro_batch * t.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data: {loaders.train_size} training images are fewer than one global batch "
+                          f"({global_batch}); lower train.micro_batch")
+    total_steps = min(t.max_steps or math.inf, math.ceil(t.epochs * steps_per_epoch))
+    ds_config = build_ds_config(t, dist.world_size)
+    model = build_model(cfg.model, loaders.num_classes)
+    run_dir = claim_run_dir(cfg, run_dir, resume, dist)
+
+    from deepspeed.accelerator import get_accelerator
+    device = torch.device(get_accelerator().device_name(dist.local_rank))
+    model.to(device)
+    ema = build_ema(model, t, device)  # a separate fp32 copy, before DeepSpeed casts or wraps the model
+    schedule = LRSchedule(cfg.schedule, peak_lr(cfg.optim, global_batch), steps_per_epoch, total_steps)
+    optimizer = build_optimizer(cfg.optim, model, lr=schedule(0))
+    engine = build_engine(model, optimizer, ds_config)
+    input_dtype = next(engine.module.parameters()).dtype  # half when DeepSpeed's fp16 casts the model
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+
+    ckpt_dir = run_dir / "checkpoints"
+    state = TrainState()
+    tag = checkpoint.latest_tag(ckpt_dir) if resume else None
+    if tag is not None:
+        client = checkpoint.load(engine, ckpt_dir, tag)
+        state = TrainState(**client["trainer"])
+        ema.load_state_dict(client["ema"])
+        checkpoint.restore_rng_states(client["rng"])
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    tracker = Tracker(run_dir, cfg.to_dict(), cfg.wandb, cfg.name, enabled=dist.is_main)
+
+    def save_checkpoint():
+        client = {"trainer": asdict(state), "ema": ema.state_dict(), "rng": checkpoint.rng_states(),
+                  "config": cfg.to_dict()}
+        checkpoint.save(engine, ckpt_dir, state.step, client, t.keep_checkpoints, dist.is_main)
+
+    def summary(status: str) -> dict:
+        return {"status": status, "run_dir": str(run_dir), "steps": state.step, "total_steps": total_steps,
+                "epochs": state.step / steps_per_epoch, "images_seen": state.images_seen,
+                "images_per_s": state.images_seen / max(state.train_seconds, 1e-9),
+                "wall_time_s": time.time() - started, "final": state.last_eval, "best": state.best,
+                **{k: state.last_eval.get(k) for k in METRIC_NAMES},
+                **{f"best_{k}": state.best.get(k) for k in METRIC_NAMES}}
+
+    def run_eval():
+        result = evaluate_both(engine, ema, loaders.val, input_dtype, show=dist.is_main)
+        state.last_eval = {"step": state.step, "epoch": state.step / steps_per_epoch, **result}
+        for key in METRIC_NAMES:
+            state.best[key] = max(state.best.get(key, -1.0), result[key])
+        tracker.log(state.last_eval)
+        if dist.is_main:
+            tqdm.write(f"eval step {state.step} epoch {state.step / steps_per_epoch:.2f}: "
+                       f"model top1 {result['top1']:.2f} top5 {result['top5']:.2f} | "
+                       f"EMA top1 {result['ema_top1']:.2f} top5 {result['ema_top5']:.2f} "
+                       f"({result['val_images']} images)")
+
+    eval_every = max(1, round(t.eval_every_epochs * steps_per_epoch))
+    ckpt_every = max(1, round(t.checkpoint_every_epochs * steps_per_epoch))
+    if dist.is_main:
+        print(f"run {cfg.name}: {run_dir} | world {dist.world_size} x micro batch {t.micro_batch} x accum "
+              f"{t.grad_accum} = global batch {global_batch} | peak lr {schedule.peak:.4g} | "
+              f"{steps_per_epoch} steps/epoch, {total_steps} steps | {cfg.model.name} {t.precision} "
+              f"ZeRO {t.zero_stage}", flush=True)
+
+    # -- train
+    started = time.time()
+    stop = StopRequest()
+    status = "failed"
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not dist.is_main, dynamic_ncols=True)
+    try:
+        loss_sum, loss_count = torch.zeros((), device=device), 0
+        window_start, window_images = time.time(), 0
+        while state.step < total_steps and stop.signal is None:
+            loaders.start_epoch(state.epoch, skip_samples=state.batches_in_epoch * t.micro_batch)
+            for images, targets in islice(loaders.train, steps_per_epoch * t.grad_accum - state.batches_in_epoch):
+                set_lr(optimizer, schedule(state.step))
+                loss_sum += train_step(engine, images, targets, criterion, input_dtype)
+                loss_count += 1
+                state.batches_in_epoch += 1
+                if state.batches_in_epoch % t.grad_accum:
+                    continue  # DeepSpeed accumulates; no optimizer step yet
+                # an optimizer step has been taken, or skipped by the loss scaler
+                if engine.was_step_applied():
+                    ema.update(engine.module, step=state.step)
+                state.step += 1
+                state.images_seen += global_batch
+                window_images += global_batch
+                bar.update(1)
+                if state.step == stop_at_step:
+                    stop.signal = f"--stop-at-step {stop_at_step}"
+                if state.step % t.log_every_steps == 0 or state.step == total_steps:
+                    # note: reading the loss is a device sync, done only on logging steps
+                    elapsed = time.time() - window_start
+                    state.train_seconds += elapsed
+                    row = {"step": state.step, "epoch": state.step / steps_per_epoch,
+                           "loss": (loss_sum / loss_count).item(), "lr": schedule(state.step - 1),
+                           "images_per_s": window_images / max(elapsed, 1e-9),
+                           "grad_norm": _grad_norm(engine)}
+                    tracker.log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}",
+                                    img_s=f"{row['images_per_s']:.0f}", epoch=f"{row['epoch']:.2f}")
+                    loss_sum, loss_count = torch.zeros((), device=device), 0
+                    window_start, window_images = time.time(), 0
+                pause = time.time()
+                if state.step % eval_every == 0 or state.step == total_steps:
+                    run_eval()
+                if state.step % ckpt_every == 0 or state.step == total_steps or stop.signal:
+                    save_checkpoint()
+                window_start += time.time() - pause  # eval and checkpoint time is not training time
+                if state.step >= total_steps or stop.signal:
+                    break
+            else:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        status = "completed" if state.step >= total_steps else "interrupted"
+        if status == "interrupted" and dist.is_main:
+            tqdm.write(f"{stop.signal}: checkpoint written at step {state.step}; resume with --resume")
+    finally:
+        bar.close()
+        tracker.summary(summary(status))
+        tracker.finish(exit_code=0 if status in ("completed", "interrupted") else 1)
+        if status != "failed" and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # all ranks end together
+    return summary(status)
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)

@@ -1,0 +1,56 @@
+"""Choosing and claiming the run directory, agreed by all ranks."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from .checkpoint import latest_tag
+from .config import Config, ConfigError
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _same_run(saved: dict, cfg: Config) -> bool:
+    # the wandb section may change on resume (going online, say); nothing else may
+    current = cfg.to_dict()
+    return {k: v for k, v in saved.items() if k != "wandb"} == {k: v for k, v in current.items() if k != "wandb"}
+
+
+def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
+    """None if this run may use run_dir, else the reason it may not."""
+    saved_config = run_dir / "config.yaml"
+    has_checkpoint = latest_tag(run_dir / "checkpoints") is not None
+    if resume == "required" and not has_checkpoint:
+        return f"--resume: {run_dir} holds no checkpoint to resume from"
+    if saved_config.exists():
+        if resume is None:
+            return (f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                    f"or choose another --run-dir")
+        if not _same_run(yaml.safe_load(saved_config.read_text()), cfg):
+            return f"run directory {run_dir} holds a run with a different config; resume with the same settings"
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        return f"run directory {run_dir} is not empty and holds no run"
+    return None
+
+
+def claim_run_dir(cfg: Config, run_dir: Optional[Path], resume: Optional[str], dist) -> Path:
+    """Rank 0 picks the directory (a default name carries a timestamp) and checks it;
+    every rank then uses rank 0's answer, or raises rank 0's error."""
+    answer = [None, None]
+    if dist.is_main:
+        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+        error = _check(cfg, run_dir, resume)
+        if error is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        answer = [str(run_dir), error]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise ConfigError(answer[1])
+    return Path(answer[0])

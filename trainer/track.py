@@ -1,0 +1,121 @@
+"""What a run leaves behind: metrics.jsonl, summary.json and a W&B run.
+
+Only rank 0 writes. The local files are the record the notebooks read first;
+W&B mirrors them, and a W&B failure never stops training."""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import WandbConfig
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    return float(value)
+
+
+def _finite_or_none(value):
+    # JSON has no NaN/inf; a non-finite loss is written as a string so it stays visible.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def wandb_mode(mode: str) -> str:
+    """auto: online only if this user has configured W&B (key or WANDB_MODE), else offline."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        has_login = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        has_login = False
+    return "online" if has_login else "offline"
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Tracker:
+    """Metrics to metrics.jsonl (append, one object per line) and to W&B."""
+
+    def __init__(self, run_dir: Path, config: dict, cfg: WandbConfig, name: str, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.wandb_run = self._start_wandb(config, cfg, name) if enabled else None
+
+    def _start_wandb(self, config: dict, cfg: WandbConfig, name: str):
+        mode = wandb_mode(cfg.mode)
+        if mode == "disabled":
+            return None
+        id_file = self.run_dir / "wandb_id.txt"  # a resumed run continues the same W&B run
+        try:
+            import wandb
+
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id + "\n")
+            kwargs = dict(dir=str(self.run_dir), config=config, name=name, id=run_id, resume="allow",
+                          project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags))
+            try:
+                return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
+            except Exception as err:  # noqa: BLE001 - server unreachable, bad key, ...
+                if mode != "online":
+                    raise
+                warn(f"W&B online failed ({type(err).__name__}: {err}); logging offline instead")
+                return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+        except Exception as err:  # noqa: BLE001 - W&B must never stop training
+            warn(f"W&B disabled for this run: {type(err).__name__}: {err}")
+            return None
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {k: _finite_or_none(v) for k, v in metrics.items()}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._wandb_call(lambda run: run.log(metrics, step=int(metrics["step"])))
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        self._wandb_call(lambda run: run.summary.update(summary))
+
+    def finish(self, exit_code: int = 0) -> None:
+        self._wandb_call(lambda run: run.finish(exit_code=exit_code))
+        self.wandb_run = None
+
+    def _wandb_call(self, call) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as err:  # noqa: BLE001
+            warn(f"W&B call failed, W&B disabled for the rest of the run: {err}")
+            self.wandb_run = None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_summary(run_dir: Path) -> Optional[dict]:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
