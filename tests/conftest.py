@@ -12,9 +12,11 @@ TINY = ["model.name=test_efficientnet", "data.image_size=16", "train.micro_batch
 
 
 def run_cli(*args, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("WANDB_MODE", None)
-    full_env.pop("WANDB_API_KEY", None)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # in-process DeepSpeed tests leave this process's group variables behind: a child must not join it
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(name, None)
+    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

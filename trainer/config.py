@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -31,10 +31,29 @@ class DataConfig(Section):
     split_seed: int = 0  # the train/val split is fixed by this seed, not by the run seed
     image_size: int = Field(32, ge=8)
     num_workers: int = Field(0, ge=0)
-    # random-resized-crop scale range; flip probability (digits must not be flipped)
+    # -- train augmentation, in this order: [AA], random-resized-crop, flip, [AA], color jitter;
+    #    random erasing runs later, on the normalized batch (see trainer/mixup.py)
+    # random-resized-crop area fraction and aspect ratio; TF: area (0.08, 1), aspect (3/4, 4/3)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # flip probability, drawn per sample (a flip applied always is a PITFALLS item); digits must not be flipped
     hflip: float = Field(0.5, ge=0, le=1)
+    # timm policy string: AutoAugment "original", "v0", "v0r", "originalr", "3a" (+ "-mstd0.5"),
+    # RandAugment "rand-m9-mstd0.5", ...; None = off. TF's EfficientNet recipe uses AutoAugment "v0"
+    auto_augment: Optional[str] = None
+    # notes part 4: TF runs AA after crop and flip; "also try AutoAugment before the random crop"
+    aa_order: Literal["after_crop", "before_crop"] = "after_crop"
+    # AA/RA translate range as a fraction of image_size (timm: 0.45); TF uses 250 px whatever the size
+    aa_translate_pct: float = Field(0.45, ge=0)
+    # brightness/contrast/saturation factor (timm's --color-jitter); TF has none, notes row 39 tries 0.4.
+    # Unlike timm, it is not dropped when auto_augment is set: a set value is never silently ignored
+    color_jitter: float = Field(0.0, ge=0)
+    # random erasing probability per sample (timm's --reprob; notes row 39: 0.2) and timm's fill mode
+    random_erasing: float = Field(0.0, ge=0, le=1)
+    erasing_mode: Literal["const", "rand", "pixel"] = "pixel"
+    # -- train and eval: the resampling filter (never PIL's default), and the eval crop
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    # eval: resize the short side to image_size / crop_pct, center crop image_size (TF: crop/(crop + 32))
     crop_pct: float = Field(0.875, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -42,9 +61,22 @@ class DataConfig(Section):
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
         if self.source == "imagefolder" and not self.path:
             raise ValueError("source=imagefolder needs data.path")
         return self
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _aa_parses(cls, policy: Optional[str]) -> Optional[str]:
+        if policy is not None:
+            from .data import build_auto_augment  # data imports this module; a lazy import breaks the cycle
+
+            # build it: a policy string that does not parse fails here, at load, not in a worker mid-run
+            build_auto_augment(policy, image_size=224, translate_pct=0.45, interpolation="bicubic")
+        return policy
 
 
 class ModelConfig(Section):
@@ -54,26 +86,82 @@ class ModelConfig(Section):
     # TF's BN momentum (0.99 = keep 99% of the running stat); torch's momentum is 1 - this.
     bn_momentum: float = Field(0.99, gt=0, lt=1)
     bn_eps: float = Field(1e-3, gt=0)
+    # timm: timm's own init (for its EfficientNets already TF's formulas); tf: TF's conv/dense
+    # init applied by us (normal std sqrt(2/fan_out), dense uniform +-1/sqrt(out)); torch: PyTorch
+    # module defaults (kaiming-uniform), the init the notes ran before "TF-style init" (rows 19-24).
+    init: Literal["timm", "tf", "torch"] = "timm"
+    # notes row 42: gamma of the projection BN of every residual MBConv block starts at 0
+    zero_init_last_bn: bool = False
+    # notes row 34 (a bug, kept to reproduce it): the block's activation after the projection BN
+    act_after_projection: bool = False
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "rmsproptf", "adamw"] = "sgd"
-    # lr for a global batch of lr_base_batch images; scaled to the real global batch
+    # rmsproptf: TF's RMSProp (square average starts at 1, eps inside the sqrt, lr inside the
+    # momentum buffer); rmsprop: torch.optim.RMSprop, the one that blew up in notes rows 14-18
+    name: Literal["sgd", "rmsproptf", "rmsprop", "adamw"] = "sgd"
+    # lr for a global batch of lr_base_batch images; scaled to the real *global* batch
+    # (world size x micro batch x accumulation), never the per-GPU one
     lr: float = Field(0.1, gt=0)
     lr_base_batch: int = Field(256, ge=1)
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # notes part 4: linear or sqrt?
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd, rmsproptf, rmsprop; adamw keeps betas (0.9, 0.999)
+    nesterov: bool = False  # sgd only; timm's "sgd" silently means Nesterov, ours never does
+    # rmsprop*: TF's epsilon 1e-3 (TF's default is 1e-10); adamw 1e-8. When absent it is filled in
+    # from `name` at load, so the saved config always shows the value used.
+    eps: float = Field(1e-3, gt=0)
+    alpha: float = Field(0.9, gt=0, lt=1)  # RMSProp square-average decay: TF's `decay` 0.9 (torch's default 0.99)
     weight_decay: float = Field(1e-5, ge=0)
+    # coupled: wd*p added to the gradient inside the optimizer; decoupled: p -= wd*p every step,
+    # no lr factor; decoupled_lr: p -= lr*wd*p (AdamW's form); l2_loss: TF's wd * sum(||w||^2)/2
+    # added to the loss (same gradient as coupled, but it passes through clipping and loss scaling)
+    wd_form: Literal["coupled", "decoupled", "decoupled_lr", "l2_loss"] = "coupled"
+    # which tensors decay: all; no_conv_bias; weights_only (no bias anywhere, BN gamma decays);
+    # no_bn: every tensor except BN ones, biases included (TF's rule). BN is found by module type.
+    wd_params: Literal["all", "no_conv_bias", "weights_only", "no_bn"] = "no_bn"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_eps(cls, data):
+        if isinstance(data, dict) and "eps" not in data:
+            data = {**data, "eps": 1e-8 if data.get("name") == "adamw" else 1e-3}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.nesterov and self.name != "sgd":
+            raise ValueError(f"optim.nesterov=true applies only to sgd, not {self.name}")
+        if self.name == "adamw" and self.wd_form == "coupled" and self.weight_decay > 0:
+            raise ValueError("adamw with wd_form=coupled is Adam with L2, not AdamW; "
+                             "use wd_form=decoupled_lr (torch AdamW) or decoupled")
+        return self
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "tf_staircase", "constant"] = "cosine"
+    # tf_staircase: TF's lr * rate^floor(step / (decay_epochs * steps_per_epoch)) over optimizer
+    # steps, stairs at fractional epochs; exp_epoch: the same decay stepped once per whole epoch
+    # (timm's per-epoch step scheduler: a stair every 2.4 epochs lands on epochs 3, 5, 8, 10, ...);
+    # cosine: to min_lr, reached exactly at the last step; constant: peak after warmup.
+    name: Literal["tf_staircase", "exp_epoch", "cosine", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
-    warmup_start_lr: float = Field(0.0, ge=0)  # as a fraction of the peak lr
-    min_lr: float = Field(0.0, ge=0)  # cosine floor, as a fraction of the peak lr
-    decay_rate: float = Field(0.97, gt=0, le=1)  # tf_staircase
-    decay_epochs: float = Field(2.4, gt=0)  # tf_staircase
+    # linear: start + (peak - start) * t; exponential: start^(1-t) * peak^t (t = step / warmup steps)
+    warmup_form: Literal["linear", "exponential"] = "linear"
+    # as a fraction of the peak lr; exponential warmup from 0 is refused (0^x stays 0: notes row 17)
+    warmup_start_lr: float = Field(0.0, ge=0, le=1, validate_default=True)
+    # true: the decay clock counts from step 0, warmup included (TF); false: it starts when warmup
+    # ends (the other code base; notes row 40)
+    warmup_in_decay_clock: bool = True
+    min_lr: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of the peak lr
+    decay_rate: float = Field(0.97, gt=0, le=1)  # tf_staircase, exp_epoch
+    decay_epochs: float = Field(2.4, gt=0)  # tf_staircase, exp_epoch
+
+    @field_validator("warmup_start_lr")
+    @classmethod
+    def _no_exponential_warmup_from_zero(cls, value: float, info: ValidationInfo) -> float:
+        if value == 0 and info.data.get("warmup_form") == "exponential" and info.data.get("warmup_epochs", 0) > 0:
+            raise ValueError("exponential warmup from 0 stays at 0 (0^x = 0) until it jumps to the peak "
+                             "(notes row 17); set warmup_start_lr > 0 or warmup_form=linear")
+        return value
 
 
 class TrainConfig(Section):
@@ -83,9 +171,12 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(0.0, ge=0)  # 0 = off; DeepSpeed clips the unscaled gradients
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # DeepSpeed refuses fp16 on a CPU without fast fp16 kernels; this lets it run there (slowly)
+    allow_cpu_fp16: bool = False
+    # a run whose steps keep being skipped for non-finite gradients has collapsed: stop it
+    max_consecutive_skips: int = Field(25, ge=1)
     zero_stage: Literal[0, 1, 2] = 0
     ds_config: str = "ds_configs/base.json"
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False  # timm's EMA warmup: decay ramps up early in the run
     eval_every_epochs: float = Field(1.0, gt=0)
@@ -102,6 +193,40 @@ class WandbConfig(Section):
     tags: tuple[str, ...] = ()
 
 
+class LossConfig(Section):
+    # TF: targets = onehot * (1 - eps) + eps / classes, applied with or without mixup (a PITFALLS item:
+    # smoothing applied only when mixup was on); 0 = plain cross-entropy (notes row 28)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    # log_softmax: computed in fp32, finite whatever the logits' dtype (notes row 6);
+    # log_of_softmax_unstable: the notes' broken v2, log(softmax(x)) in the logits' dtype: inf in fp16 (row 5)
+    smoothing_impl: Literal["log_softmax", "log_of_softmax_unstable"] = "log_softmax"
+
+
+class MixupConfig(Section):
+    # off; tf: TF reference, a lambda per sample, lambda = max(lambda, 1 - lambda), partner = the reversed
+    # batch; batch / pair: timm's Mixup modes (one lambda per batch / per pair i, n-1-i), with cutmix
+    mode: Literal["off", "tf", "batch", "pair"] = "off"
+    alpha: float = Field(0.2, ge=0)  # mixup lambda ~ Beta(alpha, alpha); TF's --mixup_alpha
+    cutmix_alpha: float = Field(0.0, ge=0)  # timm modes only (TF has no cutmix); 0 = no cutmix
+    prob: float = Field(1.0, ge=0, le=1)  # timm modes: chance a batch (pair) is mixed at all; TF mixes all
+    switch_prob: float = Field(0.5, ge=0, le=1)  # timm modes, both alphas > 0: chance of cutmix over mixup
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML reads a bare `off` (mixup.mode=off) as false
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode in ("off", "tf") and self.cutmix_alpha > 0:
+            raise ValueError(f"cutmix_alpha needs mode batch or pair (mode is {self.mode})")
+        if self.mode == "tf" and (self.alpha <= 0 or self.prob != 1.0):
+            raise ValueError("mode tf needs alpha > 0 and mixes every batch (prob 1)")
+        if self.mode in ("batch", "pair") and self.alpha <= 0 and self.cutmix_alpha <= 0:
+            raise ValueError(f"mode {self.mode} needs alpha > 0 or cutmix_alpha > 0")
+        return self
+
+
 class Config(Section):
     recipe: str
     variant: Optional[str] = None
@@ -112,6 +237,8 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    mixup: MixupConfig = MixupConfig()
     wandb: WandbConfig = WandbConfig()
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,8 +311,9 @@ def describe_validation_error(err: ValidationError) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
         return f"unknown config key {key!r}"
-    got = f" (got {first['input']!r})" if first["type"] != "missing" and "input" in first else ""
-    return f"config key {key!r}: {first['msg']}{got}"
+    shown = first["type"] != "missing" and not isinstance(first.get("input"), (dict, type(None)))
+    got = f" (got {first['input']!r})" if shown else ""
+    return f"config key {key!r}: {first['msg'].removeprefix('Value error, ')}{got}"
 
 
 def save_config(cfg: Config, path: Path) -> None:

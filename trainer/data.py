@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +78,63 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def build_auto_augment(policy: str, image_size: int, translate_pct: float, interpolation: str):
+    """timm's AutoAugment ("original", "v0", ... "-mstd0.5") or RandAugment ("rand-m9-mstd0.5") from
+    its policy string; a string that does not parse raises ValueError with a one-line message."""
+    from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    name, *sections = policy.split("-")
+    for section in sections:
+        # timm skips a section without a number ("rand-mnine"): we refuse it, so a typo cannot silently
+        # drop a setting. RandAugment's "t<name>" (transform set) is the one section without a number.
+        if not re.fullmatch(r"[a-z]+\d[\d.]*", section) and not (name == "rand" and section.startswith("t")):
+            raise ValueError(f"auto_augment {policy!r}: section {section!r} does not parse (want e.g. m9, mstd0.5)")
+    # timm's default fill (128, 128, 128) is TF's; its factory would fill with the dataset mean instead
+    hparams = dict(translate_const=int(image_size * translate_pct), interpolation=str_to_pil_interp(interpolation))
+    try:
+        if name == "rand":
+            return rand_augment_transform(policy, hparams)
+        return auto_augment_transform(policy, hparams)
+    except (AssertionError, ValueError, KeyError) as err:  # timm asserts on unknown names and sections
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"auto_augment {policy!r} does not parse ({reason}); want a timm policy such as "
+                         f"'original', 'v0', 'v0r-mstd0.5' or 'rand-m9-mstd0.5'") from None
+
+
 def train_transform(cfg: DataConfig) -> T.Compose:
+    """[AA], random-resized-crop, flip, [AA], color jitter; uint8 out. Random erasing is not here: it
+    works on normalized floats, so it runs on the batch in the training process (trainer/mixup.py)."""
     interpolation = T.InterpolationMode(cfg.interpolation)
-    steps = [T.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, interpolation=interpolation, antialias=True)]
+    aa = []
+    if cfg.auto_augment:
+        # timm's AA ops work on PIL images (the digits are tensors; PIL images pass through)
+        aa = [T.ToPILImage(), build_auto_augment(cfg.auto_augment, cfg.image_size, cfg.aa_translate_pct,
+                                                 cfg.interpolation)]
+    steps = aa if cfg.aa_order == "before_crop" else []
+    # torchvision falls back to a center crop of the whole image after 10 failed tries; TF to its eval crop
+    steps.append(T.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
+                                     interpolation=interpolation, antialias=True))
     if cfg.hflip > 0:
-        steps.append(T.RandomHorizontalFlip(cfg.hflip))
+        steps.append(T.RandomHorizontalFlip(cfg.hflip))  # drawn per sample: flips with probability hflip
+    if cfg.aa_order == "after_crop":
+        steps += aa  # TF: crop, flip, then AutoAugment
+    if cfg.color_jitter > 0:
+        # timm's color_jitter=x: brightness, contrast and saturation x, no hue
+        steps.append(T.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter,
+                                   saturation=cfg.color_jitter))
     return T.Compose([*steps, T.ToImage(), T.ToDtype(torch.uint8)])
+
+
+def build_random_erasing(cfg: DataConfig):
+    """timm's RandomErasing for the normalized batch, or None when off."""
+    if cfg.random_erasing == 0:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    # device="cpu": the fill noise comes from the CPU generator, which `seeded` seeds and restores
+    # (timm's default draws it on the GPU's global generator: neither reproducible nor restored)
+    return RandomErasing(probability=cfg.random_erasing, mode=cfg.erasing_mode, device="cpu")
 
 
 def eval_transform(cfg: DataConfig) -> T.Compose:
@@ -102,7 +154,9 @@ def seeded(seed: int):
     exactly the numbers the uninterrupted run drew."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed would also reseed (and fork_rng not restore) the
+        # GPU's, so dropout on the GPU would follow the data order when num_workers=0
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
@@ -181,8 +235,10 @@ def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world
     val_set = TransformedSubset(images, val_idx, eval_transform(cfg), seed=seed)
     base = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     train_sampler = ResumableSampler(base)
+    # generator: each new iterator draws its workers' base seed from it; from the global generator
+    # that draw would shift the model's dropout numbers, so a resumed run would not redraw them exactly
     common = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=False)
+                  persistent_workers=False, generator=torch.Generator().manual_seed(seed))
     return Loaders(
         train=DataLoader(train_set, batch_size=micro_batch, sampler=train_sampler, drop_last=True, **common),
         val=DataLoader(val_set, batch_size=micro_batch, sampler=ExactShardSampler(len(val_set), rank, world_size),

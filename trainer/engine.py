@@ -15,6 +15,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 
 from .config import ConfigError, TrainConfig
+from .precision import SkipNonFiniteStep, batchnorm_in_fp32, forget_initialize_step
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,14 +90,21 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
             raise ConfigError(f"{source}: {section}.enabled={enabled} contradicts train.precision={cfg.precision}")
         ds[section] = {**ds.get(section, {}), "enabled": cfg.precision == precision}
     ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer does its own logging
+    if cfg.zero_stage > 0:
+        ds.setdefault("zero_allow_untested_optimizer", True)  # RMSProp-TF is not on DeepSpeed's list
     return ds
 
 
-def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, cfg: TrainConfig):
+    """The DeepSpeed engine, and the non-finite guard where DeepSpeed has none (fp32, ZeRO 0)."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine
+    if cfg.precision in ("fp16", "bf16"):
+        batchnorm_in_fp32(model)  # DeepSpeed casts BN weights to half; BN must still compute in fp32
+    guard = SkipNonFiniteStep(optimizer) if cfg.precision == "fp32" and cfg.zero_stage == 0 else None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=guard or optimizer, config=ds_config)
+    forget_initialize_step(engine, optimizer)
+    return engine, guard
 
 
 def build_ema(model: nn.Module, cfg: TrainConfig, device) -> ModelEmaV3:

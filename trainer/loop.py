@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from itertools import islice
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,13 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, health, precision
 from .config import Config, ConfigError, save_config
 from .data import build_loaders, normalize
 from .engine import build_ds_config, build_ema, build_engine, init_distributed
+from .loss import build_loss
+from .mixup import build_batch_augment
 from .model import build_model
-from .optim import LRSchedule, build_optimizer, peak_lr, set_lr
+from .optim import LRSchedule, build_l2_penalty, build_optimizer, peak_lr, set_lr
 from .rundir import claim_run_dir
+from .health import HealthMonitor, StepRecord, all_finite
 from .track import Tracker
 
 METRIC_NAMES = ("top1", "top5", "ema_top1", "ema_top5")
@@ -36,19 +40,39 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro batches of `epoch` already consumed
     images_seen: int = 0  # global, all ranks
+    skipped_steps: int = 0  # optimizer steps skipped for overflow / non-finite gradients
     train_seconds: float = 0.0  # wall time spent in training steps, all sessions
     last_eval: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
 
 
-def train_step(engine, images, targets, criterion, input_dtype) -> torch.Tensor:
+class Collapsed(Exception):
+    """The run cannot go on: its steps are all being skipped, or its weights are non-finite."""
+
+
+def prepare_batch(images, targets, device, input_dtype, batch_aug=None, position=(0, 0)):
+    """uint8 images -> normalized model inputs. Erasing and mixup work on the normalized fp32
+    batch, keyed by (epoch, micro batch in epoch) so a replay or a resume draws the same numbers."""
+    inputs = normalize(images, device)
+    targets = targets.to(device)
+    if batch_aug is not None:  # random erasing, then mixup/cutmix (targets become probabilities)
+        inputs, targets = batch_aug(inputs, targets, *position)
+    return inputs.to(input_dtype), targets
+
+
+def train_step(engine, inputs, targets, criterion, l2_penalty=None) -> torch.Tensor:
     """One micro batch. DeepSpeed owns loss scaling, accumulation and clipping:
     engine.step() applies the optimizer only at an accumulation boundary."""
-    inputs = normalize(images, engine.device, input_dtype)
     logits = engine(inputs)
-    loss = criterion(logits.float(), targets.to(engine.device))
-    engine.backward(loss)
-    engine.step()
+    loss = criterion(logits, targets)  # the loss picks its own precision (log_softmax in fp32)
+    # optim.wd_form=l2_loss: TF's weight-decay term joins the loss; the returned (logged) loss excludes it
+    precision.backward(engine, loss if l2_penalty is None else loss + l2_penalty())
+    try:
+        engine.step()
+    except Exception as err:  # ZeRO 1/2's loss scaler raises instead of going below its minimum
+        if "loss scale already at minimum" in str(err):
+            raise Collapsed("fp16 loss scale reached DeepSpeed's minimum and the step still overflowed") from err
+        raise
     return loss.detach()
 
 
@@ -106,6 +130,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
 
     # -- build: everything that can reject the config happens before the run directory exists
     loaders = build_loaders(cfg.data, t.micro_batch, cfg.seed, dist.rank, dist.world_size)
+    batch_aug = build_batch_augment(cfg.data, cfg.mixup, loaders.num_classes, t.micro_batch, cfg.seed, dist.rank)
     steps_per_epoch = len(loaders.train) // t.grad_accum
     global_batch = dist.world_size * t.micro_batch * t.grad_accum
     if steps_per_epoch == 0:
@@ -113,6 +138,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                           f"({global_batch}); lower train.micro_batch")
     total_steps = min(t.max_steps or math.inf, math.ceil(t.epochs * steps_per_epoch))
     ds_config = build_ds_config(t, dist.world_size)
+    precision.check_precision_supported(t.precision, t.allow_cpu_fp16)
     model = build_model(cfg.model, loaders.num_classes)
     run_dir = claim_run_dir(cfg, run_dir, resume, dist)
 
@@ -122,9 +148,10 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
     ema = build_ema(model, t, device)  # a separate fp32 copy, before DeepSpeed casts or wraps the model
     schedule = LRSchedule(cfg.schedule, peak_lr(cfg.optim, global_batch), steps_per_epoch, total_steps)
     optimizer = build_optimizer(cfg.optim, model, lr=schedule(0))
-    engine = build_engine(model, optimizer, ds_config)
+    engine, guard = build_engine(model, optimizer, ds_config, t)
+    l2_penalty = build_l2_penalty(cfg.optim, engine.module)  # after the engine: the tensors it trains
     input_dtype = next(engine.module.parameters()).dtype  # half when DeepSpeed's fp16 casts the model
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    criterion = build_loss(cfg.loss)
 
     ckpt_dir = run_dir / "checkpoints"
     state = TrainState()
@@ -137,14 +164,20 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
     tracker = Tracker(run_dir, cfg.to_dict(), cfg.wandb, cfg.name, enabled=dist.is_main)
+    monitor = HealthMonitor(ds_config["fp16"].get("min_loss_scale", 1) if t.precision == "fp16" else None,
+                            t.max_consecutive_skips, skipped_steps=state.skipped_steps)
 
     def save_checkpoint():
+        if not all_finite(engine.module):  # never write a checkpoint that cannot be trained from
+            raise Collapsed("the weights are non-finite; the last good checkpoint is kept")
+        state.skipped_steps = monitor.skipped_steps
         client = {"trainer": asdict(state), "ema": ema.state_dict(), "rng": checkpoint.rng_states(),
                   "config": cfg.to_dict()}
         checkpoint.save(engine, ckpt_dir, state.step, client, t.keep_checkpoints, dist.is_main)
 
     def summary(status: str) -> dict:
-        return {"status": status, "run_dir": str(run_dir), "steps": state.step, "total_steps": total_steps,
+        state.skipped_steps = monitor.skipped_steps
+        return {"status": status, "skipped_steps": state.skipped_steps, "run_dir": str(run_dir), "steps": state.step, "total_steps": total_steps,
                 "epochs": state.step / steps_per_epoch, "images_seen": state.images_seen,
                 "images_per_s": state.images_seen / max(state.train_seconds, 1e-9),
                 "wall_time_s": time.time() - started, "final": state.last_eval, "best": state.best,
@@ -183,15 +216,24 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
             loaders.start_epoch(state.epoch, skip_samples=state.batches_in_epoch * t.micro_batch)
             for images, targets in islice(loaders.train, steps_per_epoch * t.grad_accum - state.batches_in_epoch):
                 set_lr(optimizer, schedule(state.step))
-                loss_sum += train_step(engine, images, targets, criterion, input_dtype)
+                position = (state.epoch, state.batches_in_epoch)
+                inputs, soft_targets = prepare_batch(images, targets, device, input_dtype, batch_aug, position)
+                scale = precision.loss_scale(engine)  # the scale this step's gradients are computed with
+                loss = train_step(engine, inputs, soft_targets, criterion, l2_penalty)
+                loss_sum += loss
                 loss_count += 1
                 state.batches_in_epoch += 1
                 if state.batches_in_epoch % t.grad_accum:
                     continue  # DeepSpeed accumulates; no optimizer step yet
-                # an optimizer step has been taken, or skipped by the loss scaler
-                if engine.was_step_applied():
-                    ema.update(engine.module, step=state.step)
+                # an optimizer step has been taken, or skipped for overflow / non-finite gradients
+                outcome = precision.step_outcome(engine, guard, scale)
+                if outcome.applied:
+                    ema.update(engine.module, step=state.step)  # a skipped step never moves the EMA
                 state.step += 1
+                collapse = monitor.record(StepRecord(state.step, loss, outcome.applied, outcome.loss_scale,
+                                                     outcome.grad_norm))
+                if collapse:
+                    raise Collapsed(collapse)
                 state.images_seen += global_batch
                 window_images += global_batch
                 bar.update(1)
@@ -204,7 +246,9 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                     row = {"step": state.step, "epoch": state.step / steps_per_epoch,
                            "loss": (loss_sum / loss_count).item(), "lr": schedule(state.step - 1),
                            "images_per_s": window_images / max(elapsed, 1e-9),
-                           "grad_norm": _grad_norm(engine)}
+                           "grad_norm": None if outcome.grad_norm is None else float(outcome.grad_norm),
+                           "loss_scale": precision.loss_scale(engine), "overflow": not outcome.applied,
+                           "skipped_steps": monitor.skipped_steps}
                     tracker.log(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}",
                                     img_s=f"{row['images_per_s']:.0f}", epoch=f"{row['epoch']:.2f}")
@@ -223,6 +267,15 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
         status = "completed" if state.step >= total_steps else "interrupted"
         if status == "interrupted" and dist.is_main:
             tqdm.write(f"{stop.signal}: checkpoint written at step {state.step}; resume with --resume")
+    except Collapsed as collapse:
+        status = "collapsed"
+        if dist.is_main:  # replay the offending batch to name the first module that went non-finite
+            modules = health.first_nonfinite_modules(engine.module, inputs, soft_targets, criterion, scale or 1.0)
+            diagnosis = health.write_diagnosis(run_dir, str(collapse), state.step, modules, monitor, t.precision)
+            culprit = diagnosis["first_nonfinite_forward"] or diagnosis["first_nonfinite_gradient"]
+            tqdm.write(f"collapsed at step {state.step}: {collapse}; first non-finite: "
+                       f"{culprit['module'] if culprit else 'none found'}; see {run_dir / 'diagnosis.md'}",
+                       file=sys.stderr)
     finally:
         bar.close()
         tracker.summary(summary(status))
@@ -231,7 +284,3 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
             torch.distributed.barrier()  # all ranks end together
     return summary(status)
 
-
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
