@@ -8,13 +8,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # A tiny timm EfficientNet keeps CLI runs to seconds; the code path is the same as B0.
+GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TINY = ["model.name=test_efficientnet", "data.image_size=16", "train.micro_batch=32"]
 
 
 def run_cli(*args, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # in-process DeepSpeed tests leave this process's group variables behind: a child must not join it
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", *GROUP_VARIABLES):
         full_env.pop(name, None)
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, env=full_env,

@@ -1,5 +1,6 @@
 """A real training run through the CLI: DeepSpeed engine, embedded data, W&B offline."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY, read_jsonl
+from conftest import GROUP_VARIABLES, TINY, read_jsonl
 
 SHORT = [*TINY, "train.max_steps=6", "train.log_every_steps=2", "train.eval_every_epochs=0.1",
          "train.checkpoint_every_epochs=0.1", "wandb.mode=offline"]
@@ -103,3 +104,14 @@ def test_help_explains_verbs_recipes_and_overrides(cli):
     assert train.returncode == 0
     for text in ("--recipe", "--run-dir", "--resume", "key=value", "demo", "deepspeed"):
         assert text in train.stdout
+
+
+
+def test_same_module_runs_under_the_deepspeed_launcher(tmp_path):
+    launcher = Path(sys.executable).parent / "deepspeed"
+    env = {k: v for k, v in os.environ.items() if k not in GROUP_VARIABLES}
+    result = subprocess.run([str(launcher), "--num_gpus", "1", "--master_port", "29731", "--module", "trainer",
+                             "train", "--recipe", "demo", "--run-dir", "run", *SHORT],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"

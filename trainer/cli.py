@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="verbs:\n  train     train a recipe (see `train --help`)\n  recipes   list recipes and their variants\n\n"
                f"recipes: {', '.join(available_recipes())}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher puts it first
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     train = verbs.add_parser(
@@ -63,8 +64,10 @@ def cmd_recipes(args) -> int:
         print(f"{name}: {recipe.get('description', '')}")
         for variant, body in (recipe.get("variants") or {}).items():
             meta = body.get("meta", {})
-            print(f"  --variant {variant}: {meta.get('description', '')}"
-                  + (f" [notes row {meta['row']}: {meta.get('reference', '')}]" if "row" in meta else ""))
+            rows = meta.get("rows", [meta["row"]] if "row" in meta else [])
+            where = f"notes row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}" if rows else ""
+            tag = ": ".join(part for part in (where, str(meta.get("reference", ""))) if part)
+            print(f"  --variant {variant}: {meta.get('description', '')}" + (f" [{tag}]" if tag else ""))
     return 0
 
 

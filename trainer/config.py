@@ -64,8 +64,8 @@ class DataConfig(Section):
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
-        if self.source == "imagefolder" and not self.path:
-            raise ValueError("source=imagefolder needs data.path")
+        # source=imagefolder without data.path loads (a recipe names no machine's folder): the data
+        # build refuses it, before anything is written (trainer/data.py build_loaders)
         return self
 
     @field_validator("auto_augment")
@@ -253,7 +253,12 @@ def read_recipe(name: str) -> dict[str, Any]:
     path = RECIPES_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(available_recipes())}")
-    return yaml.safe_load(path.read_text()) or {}
+    tree = yaml.safe_load(path.read_text()) or {}
+    base = tree.pop("base", None)  # a recipe may be another recipe plus a few changed fields
+    if base is not None:
+        inherited = {k: v for k, v in read_recipe(base).items() if k not in ("description", "variants")}
+        tree = deep_merge(inherited, tree)
+    return tree
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -111,7 +111,7 @@ def train_transform(cfg: DataConfig) -> T.Compose:
         # timm's AA ops work on PIL images (the digits are tensors; PIL images pass through)
         aa = [T.ToPILImage(), build_auto_augment(cfg.auto_augment, cfg.image_size, cfg.aa_translate_pct,
                                                  cfg.interpolation)]
-    steps = aa if cfg.aa_order == "before_crop" else []
+    steps = list(aa) if cfg.aa_order == "before_crop" else []
     # torchvision falls back to a center crop of the whole image after 10 failed tries; TF to its eval crop
     steps.append(T.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
                                      interpolation=interpolation, antialias=True))
@@ -227,6 +227,9 @@ class Loaders:
 
 
 def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world_size: int) -> Loaders:
+    if cfg.source == "imagefolder" and not cfg.path:
+        raise ConfigError("data.path is not set: source=imagefolder needs the ImageFolder root "
+                          "(for example data.path=/data/imagenet/train)")
     images = DigitsImages() if cfg.source == "digits" else FolderImages(cfg.path)
     if len(images) < 2:
         raise ConfigError(f"data: {cfg.path or cfg.source} holds {len(images)} images; need at least 2")

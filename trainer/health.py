@@ -72,10 +72,15 @@ def first_nonfinite_modules(model: nn.Module, inputs: torch.Tensor, targets: tor
     BN statistics are untouched) and name the first module, in execution order, whose forward
     output is non-finite, and the first, in backward order, whose output gradient is."""
     replica = copy.deepcopy(model).train()
+    for module in replica.modules():  # backward hooks cannot watch a tensor an in-place op rewrites
+        if hasattr(module, "inplace"):
+            module.inplace = False
     found = {"forward": None, "backward": None}
+    order = []  # leaf modules in execution order
 
     def on_forward(name):
         def hook(module, args, output):
+            order.append((name, module))
             if found["forward"] is None and _not_finite(output):
                 found["forward"] = {"module": name, "type": type(module).__name__}
         return hook
@@ -92,11 +97,18 @@ def first_nonfinite_modules(model: nn.Module, inputs: torch.Tensor, targets: tor
             handles.append(module.register_forward_hook(on_forward(name)))
             handles.append(module.register_full_backward_hook(on_backward(name)))
     inputs = inputs.detach().clone().requires_grad_(True)
-    loss = loss_fn(replica(inputs).float(), targets)
+    loss = loss_fn(replica(inputs), targets)  # exactly as train_step: the loss picks its precision
     found["loss"] = _float(loss.detach())
+    if found["forward"] is None and not torch.isfinite(loss):  # every layer finite: the loss itself
+        found["forward"] = {"module": "loss", "type": getattr(loss_fn, "__name__", type(loss_fn).__name__)}
     (loss * loss_scale).backward()  # the scaled backward the engine ran
     for handle in handles:
         handle.remove()
+    if found["backward"] is None:  # outputs' gradients finite: a weight gradient may still overflow
+        for name, module in reversed(order):  # backward order
+            if any(p.grad is not None and _not_finite(p.grad) for p in module.parameters(recurse=False)):
+                found["backward"] = {"module": name, "type": type(module).__name__, "what": "weight gradient"}
+                break
     return found
 
 
