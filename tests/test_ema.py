@@ -23,7 +23,7 @@ def perturb(model):
 
 
 def test_ema_decay_zero_copies_the_model_weights_and_buffers():
-    model, cfg = tiny_model_and_cfg("train.ema_decay=0", "train.ema_warmup=false")
+    model, cfg = tiny_model_and_cfg("train.ema_decay=0", "train.ema_warmup=none")
     ema = build_ema(model, cfg.train, "cpu")
     perturb(model)
     ema.update(model, step=100)
@@ -60,3 +60,10 @@ def test_evaluating_model_and_ema_in_either_order_gives_the_same_numbers():
     assert first == second
     assert first["model"] != first["ema"]
     assert model.training  # the model's mode is restored after evaluation
+
+
+def test_tf_ema_decay_ramps_like_tf_num_updates():
+    model, cfg = tiny_model_and_cfg("train.ema_warmup=tf", "train.ema_decay=0.9999")
+    ema = build_ema(model, cfg.train, "cpu")
+    for n in (0, 1, 10, 100, 10_000, 10**6):
+        assert ema.get_decay(n) == min(0.9999, (1 + n) / (10 + n))

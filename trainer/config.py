@@ -118,7 +118,7 @@ class OptimConfig(Section):
     wd_form: Literal["coupled", "decoupled", "decoupled_lr", "l2_loss"] = "coupled"
     # which tensors decay: all; no_conv_bias; weights_only (no bias anywhere, BN gamma decays);
     # no_bn: every tensor except BN ones, biases included (TF's rule). BN is found by module type.
-    wd_params: Literal["all", "no_conv_bias", "weights_only", "no_bn"] = "no_bn"
+    wd_params: Literal["all", "no_conv_bias", "weights_only", "no_bn", "no_bn_no_bias"] = "no_bn"
 
     @model_validator(mode="before")
     @classmethod
@@ -178,7 +178,9 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2] = 0
     ds_config: str = "ds_configs/base.json"
     ema_decay: float = Field(0.9999, ge=0, le=1)
-    ema_warmup: bool = False  # timm's EMA warmup: decay ramps up early in the run
+    # how the EMA decay ramps up early in the run: none (flat); timm (ModelEmaV3's warmup);
+    # tf (TF's ExponentialMovingAverage with num_updates: min(decay, (1 + n) / (10 + n)))
+    ema_warmup: Literal["none", "timm", "tf"] = "none"
     eval_every_epochs: float = Field(1.0, gt=0)
     log_every_steps: int = Field(10, ge=1)
     checkpoint_every_epochs: float = Field(1.0, gt=0)

@@ -91,7 +91,9 @@ def build_auto_augment(policy: str, image_size: int, translate_pct: float, inter
         if not re.fullmatch(r"[a-z]+\d[\d.]*", section) and not (name == "rand" and section.startswith("t")):
             raise ValueError(f"auto_augment {policy!r}: section {section!r} does not parse (want e.g. m9, mstd0.5)")
     # timm's default fill (128, 128, 128) is TF's; its factory would fill with the dataset mean instead
-    hparams = dict(translate_const=int(image_size * translate_pct), interpolation=str_to_pil_interp(interpolation))
+    # the *Rel ops (v0, original, RandAugment) read translate_pct, the absolute ones translate_const
+    hparams = dict(translate_pct=translate_pct, translate_const=int(image_size * translate_pct),
+                   interpolation=str_to_pil_interp(interpolation))
     try:
         if name == "rand":
             return rand_augment_transform(policy, hparams)

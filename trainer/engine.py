@@ -2,7 +2,6 @@
 the trainer's settings, the engine, and the EMA copy of the weights."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
@@ -107,12 +106,21 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
     return engine, guard
 
 
+class TFDecayEma(ModelEmaV3):
+    """TF's ExponentialMovingAverage(decay, num_updates): the decay is min(decay, (1 + n) / (10 + n)),
+    a ramp timm's warmup formula does not reproduce."""
+
+    def get_decay(self, step=None) -> float:
+        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+
+
 def build_ema(model: nn.Module, cfg: TrainConfig, device) -> ModelEmaV3:
     """EMA on its own fp32 copy of the bare model, BN buffers included.
 
     Built before DeepSpeed wraps (and, in fp16, casts) the model, so it never shares
     tensors with the engine and never holds reduced-precision weights."""
-    ema = ModelEmaV3(copy.deepcopy(model), decay=cfg.ema_decay, use_warmup=cfg.ema_warmup,
+    ema_class = TFDecayEma if cfg.ema_warmup == "tf" else ModelEmaV3
+    ema = ema_class(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup == "timm",
                      device=device, dtype=torch.float32, exclude_buffers=False)
     ema.module.requires_grad_(False)
     return ema

@@ -43,6 +43,7 @@ DECAYS = {  # wd_params policy -> the kinds of tensor that decay
     "no_conv_bias": {"weight", "bias", "bn_weight", "bn_bias"},  # SE convs hold EfficientNet's conv biases
     "weights_only": {"weight", "bn_weight"},  # no bias anywhere; BN gamma is a weight and decays
     "no_bn": {"weight", "bias", "conv_bias"},  # TF: every trainable variable but batch_normalization
+    "no_bn_no_bias": {"weight"},  # notes row 32: conv and linear weights only
 }
 
 
