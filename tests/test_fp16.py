@@ -1,11 +1,16 @@
 """fp16 through DeepSpeed's loss scaler for a BatchNorm network, on the CPU (with the opt-in),
 at ZeRO 0, 1 and 2; non-finite steps skipped in every precision."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import GROUP_VARIABLES
 from trainer import precision
 from trainer.config import ConfigError, load_config
 from trainer.engine import build_ds_config, build_ema, build_engine, init_distributed
@@ -136,3 +141,32 @@ def test_fp16_on_cpu_without_opt_in_is_refused():
     type(get_accelerator()).is_fp16_supported = lambda self: False  # undo an earlier test's opt-in
     with pytest.raises(ConfigError, match="allow_cpu_fp16"):
         precision.check_precision_supported("fp16", allow_cpu_fp16=False)
+
+
+def test_gpu_precision_benchmark_script_runs(tmp_path):
+    """launch/bench_precision.py is meant for a GPU; a tiny CPU run keeps it from rotting."""
+    env = {k: v for k, v in os.environ.items() if k not in GROUP_VARIABLES}
+    script = Path(__file__).resolve().parent.parent / "launch" / "bench_precision.py"
+    result = subprocess.run([sys.executable, str(script), "--model", "test_efficientnet", "--size", "32",
+                             "--batch", "8", "--steps", "6", "--allow-cpu-fp16"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fp16:" in result.stdout and "bf16:" in result.stdout and "loss-scale trace" in result.stdout
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_fp16_clipping_is_deepspeeds_on_unscaled_gradients(tmp_path, zero_stage):
+    """SGD with lr 1 and no momentum moves the weights by exactly the clipped gradient: norm 1."""
+    engine, guard, ema = make_engine(tmp_path, "fp16", zero_stage, "optim.name=sgd", "optim.momentum=0",
+                                     "optim.weight_decay=0", "train.grad_clip=1.0")
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 1.0
+    x, y = batches(1)[0]
+    before = {k: v.float().clone() for k, v in engine.module.named_parameters()}
+    outcome = step(engine, guard, ema, x, y, 0)
+    while not outcome.applied:  # the first steps may overflow at the initial scale
+        before = {k: v.float().clone() for k, v in engine.module.named_parameters()}
+        outcome = step(engine, guard, ema, x, y, 0)
+    assert float(outcome.grad_norm) > 1.0  # so clipping did act
+    update = torch.cat([(v.float() - before[k]).flatten() for k, v in engine.module.named_parameters()])
+    assert update.norm().item() == pytest.approx(1.0, rel=0.02)  # fp16 weights: rounding of the copy
