@@ -227,7 +227,7 @@ def test_notes_row_1_is_the_recipe_and_rows_accumulate():
     assert [cfg(r).train.precision for r in (22, 23, 24, 25)] == ["fp32", "fp16", "fp32", "fp16"]
     assert settings(cfg(26)) == settings(r13)  # part 3 starts again from row 13
     assert cfg(28).loss.label_smoothing == 0 and cfg(29).loss.label_smoothing == 0.1
-    assert cfg(32).optim.wd_params == "no_bn" and cfg(33).train.micro_batch == 2 * cfg(32).train.micro_batch
+    assert cfg(32).optim.wd_params == "no_bn_no_bias" and cfg(33).train.micro_batch == 2 * cfg(32).train.micro_batch
     assert cfg(34).model.act_after_projection and not cfg(33).model.act_after_projection
     assert cfg(38).train.epochs == 450
     assert (cfg(39).data.color_jitter, cfg(39).data.random_erasing) == (0.4, 0.2)

@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer",
         description="EfficientNet training through DeepSpeed, reproducing the TF recipe and its ablations.",
-        epilog="verbs:\n  train     train a recipe (see `train --help`)\n  recipes   list recipes and their variants\n\n"
+        epilog="verbs:\n  train     train a recipe (see `train --help`)\n  recipes   list recipes and their variants\n"
+               "  pack      pack an ImageFolder tree into one LMDB file\n"
+               "  bench     bench data: input-pipeline images/s against torchvision's ImageFolder\n\n"
                f"recipes: {', '.join(available_recipes())}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher puts it first
@@ -43,6 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     verbs.add_parser("recipes", help="list recipes and their variants")
+
+    pack = verbs.add_parser("pack", help="pack an ImageFolder tree into one LMDB file (data.source=lmdb)",
+                            description="Pack SRC (class folders of images) into the LMDB file DST: the encoded "
+                                        "bytes as they are, labels, paths, class list; written to DST.tmp-* and "
+                                        "renamed when complete.")
+    pack.add_argument("src", type=Path, metavar="SRC")
+    pack.add_argument("dst", type=Path, metavar="DST")
+    pack.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+    bench = verbs.add_parser("bench", help="benchmarks (bench data)")
+    bench_verbs = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    bench_data = bench_verbs.add_parser(
+        "data", help="training-transform images/s per worker against torchvision's ImageFolder, same run")
+    bench_data.add_argument("--source", required=True, help="an ImageFolder root or a packed LMDB file")
+    bench_data.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
+    bench_data.add_argument("--images", type=int, default=2000, help="images per pass (default 2000)")
+    bench_data.add_argument("--image-size", type=int, default=224, help="training crop size (default 224)")
+    bench_data.add_argument("--batch-size", type=int, default=32)
+    bench_data.add_argument("--repeats", type=int, default=2, help="passes per loader, best reported (default 2)")
     return parser
 
 
@@ -71,6 +92,27 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    import signal
+
+    from .lmdb_source import pack
+
+    # SIGTERM unwinds like Ctrl-C, so the partial DST.tmp-* is removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    meta = pack(args.src, args.dst, force=args.force)
+    print(f"packed {meta['count']} images of {len(meta['classes'])} classes into {args.dst}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench_data import bench_data, print_table
+
+    rows = bench_data(args.source, workers=args.workers, images=args.images, image_size=args.image_size,
+                      batch=args.batch_size, repeats=args.repeats)
+    print_table(rows, args.source, args.workers, args.image_size, args.batch_size)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     # overrides may stand anywhere among the options: collect the leftovers as overrides
@@ -80,7 +122,7 @@ def main(argv=None) -> int:
     if extra:
         args.overrides += extra
     try:
-        return {"train": cmd_train, "recipes": cmd_recipes}[args.verb](args)
+        return {"train": cmd_train, "recipes": cmd_recipes, "pack": cmd_pack, "bench": cmd_bench}[args.verb](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,12 +25,16 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["digits", "imagefolder"] = "digits"
-    path: Optional[str] = None  # ImageFolder root (class folders) for source=imagefolder
+    source: Literal["digits", "imagefolder", "lmdb"] = "digits"
+    # imagefolder: the root (class folders); lmdb: the file `python -m trainer pack ROOT FILE` wrote
+    path: Optional[str] = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0  # the train/val split is fixed by this seed, not by the run seed
     image_size: int = Field(32, ge=8)
     num_workers: int = Field(0, ge=0)
+    # decode a large JPEG at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling) when the random crop (the eval
+    # resize) still gets at least its output resolution from it; the crop box is drawn on the full size
+    jpeg_draft: bool = True
     # -- train augmentation, in this order: [AA], random-resized-crop, flip, [AA], color jitter;
     #    random erasing runs later, on the normalized batch (see trainer/mixup.py)
     # random-resized-crop area fraction and aspect ratio; TF: area (0.08, 1), aspect (3/4, 4/3)
@@ -94,6 +98,9 @@ class ModelConfig(Section):
     zero_init_last_bn: bool = False
     # notes row 34 (a bug, kept to reproduce it): the block's activation after the projection BN
     act_after_projection: bool = False
+    # BN statistics over the global batch (all ranks) instead of each rank's micro batch; converted
+    # in build_model, so before the EMA copy, the optimizer and the engine (trainer/syncbn.py)
+    sync_bn: bool = False
 
 
 class OptimConfig(Section):
@@ -185,6 +192,13 @@ class TrainConfig(Section):
     log_every_steps: int = Field(10, ge=1)
     checkpoint_every_epochs: float = Field(1.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
+    # a collective that waits longer than this raises on every rank still alive (a dead or stuck
+    # rank then ends the run with an error instead of a hang); it also bounds the slowest rank's
+    # checkpoint or evaluation, so leave minutes on a real run
+    collective_timeout_s: float = Field(1800.0, gt=0)
+    # also keep the checkpoint with the best val top-1 of the EMA (ema_top1) or of the model (top1),
+    # never pruned; a new best writes a checkpoint at that evaluation (checkpoints/best.json names it)
+    keep_best: Literal["none", "top1", "ema_top1"] = "ema_top1"
 
 
 class WandbConfig(Section):
@@ -193,6 +207,8 @@ class WandbConfig(Section):
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: tuple[str, ...] = ()
+    # how long wandb.init waits for the server before the run falls back to offline logging
+    init_timeout_s: float = Field(60.0, gt=0)
 
 
 class LossConfig(Section):

@@ -1,14 +1,19 @@
-"""Data: the embedded digits set or an ImageFolder tree, a fixed train/val split,
-transforms, and samplers that shard exactly across ranks.
+"""Data: the embedded digits set, an ImageFolder tree or an LMDB packed from one
+(trainer/lmdb_source.py), a fixed train/val split, transforms, and samplers that shard exactly
+across ranks.
 
-Samples leave the loader as uint8 tensors (cheap to pass between processes);
-`normalize` turns them into floats in the training process.
+A folder or LMDB source hands the transforms the file's bytes; the first transform decodes them,
+a large JPEG at reduced size where the crop allows (trainer/decode.py). A file that does not
+decode is reported once, replaced by the next sample and counted (`Loaders.corrupt_images`).
+Samples leave the loader as uint8 tensors (cheap to pass between processes); `normalize` turns
+them into floats in the training process.
 """
 from __future__ import annotations
 
 import math
 import random
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .config import ConfigError, DataConfig
+from .decode import DECODE_ERRORS, Decode, DecodeRandomResizedCrop, DecodeResize, EncodedImage, decoded_rgb
 
 
 def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,10 +38,35 @@ def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
     return grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(digits.target).long()
 
 
-class DigitsImages(Dataset):
+class ImageSource(Dataset):
+    """A set of images: `encoded(i)` -> (what the transforms decode, label); `load(i)` -> decoded.
+
+    `corrupt` flags the images found not to decode, in shared memory: DataLoader workers set the
+    flags, the training process reads the count, and each file is reported once per run, not
+    once per worker or per epoch."""
+
+    def init_corrupt_flags(self):
+        self.corrupt = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
+
+    def encoded(self, index: int):
+        return self.load(index)
+
+    def name(self, index: int) -> str:
+        return f"image {index}"
+
+    def report_corrupt(self, index: int, err: Exception):
+        if not self.corrupt[index]:
+            self.corrupt[index] = 1
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"warning: skipping corrupt or unreadable image {self.name(index)}: {reason} "
+                  f"(replaced by the next sample; reported once)", file=sys.stderr, flush=True)
+
+
+class DigitsImages(ImageSource):
     def __init__(self):
         self.images, self.labels = load_digits_images()
         self.classes = [str(i) for i in range(10)]
+        self.init_corrupt_flags()
 
     def __len__(self):
         return len(self.labels)
@@ -44,8 +75,8 @@ class DigitsImages(Dataset):
         return self.images[index], int(self.labels[index])
 
 
-class FolderImages(Dataset):
-    """An ImageFolder tree (one folder per class), decoded with PIL."""
+class FolderImages(ImageSource):
+    """An ImageFolder tree (one folder per class): torchvision's scan, our decode."""
 
     def __init__(self, root: str):
         from torchvision.datasets import ImageFolder
@@ -59,16 +90,32 @@ class FolderImages(Dataset):
             raise ConfigError(f"data folder {root}: {str(err).splitlines()[0]}") from None
         self.samples, self.classes = tree.samples, tree.classes
         self.labels = torch.tensor([label for _, label in self.samples])
+        self.init_corrupt_flags()
 
     def __len__(self):
         return len(self.samples)
 
-    def load(self, index: int):
-        from PIL import Image
+    def name(self, index: int) -> str:
+        return self.samples[index][0]
 
+    def encoded(self, index: int):
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            return img.convert("RGB"), label
+        with open(path, "rb") as f:
+            return EncodedImage(f.read(), path), label
+
+    def load(self, index: int):
+        image, label = self.encoded(index)
+        return decoded_rgb(image.data)[0], label
+
+
+def open_source(cfg: DataConfig) -> ImageSource:
+    if cfg.source == "digits":
+        return DigitsImages()
+    if cfg.source == "lmdb":
+        from .lmdb_source import LmdbImages
+
+        return LmdbImages(cfg.path)
+    return FolderImages(cfg.path)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -113,10 +160,11 @@ def train_transform(cfg: DataConfig) -> T.Compose:
         # timm's AA ops work on PIL images (the digits are tensors; PIL images pass through)
         aa = [T.ToPILImage(), build_auto_augment(cfg.auto_augment, cfg.image_size, cfg.aa_translate_pct,
                                                  cfg.interpolation)]
-    steps = list(aa) if cfg.aa_order == "before_crop" else []
+    # AA before the crop needs the decoded image; otherwise the crop decodes (at reduced size if it can)
+    steps = [Decode(), *aa] if cfg.aa_order == "before_crop" else []
     # torchvision falls back to a center crop of the whole image after 10 failed tries; TF to its eval crop
-    steps.append(T.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
-                                     interpolation=interpolation, antialias=True))
+    steps.append(DecodeRandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
+                                         interpolation=interpolation, antialias=True, draft=cfg.jpeg_draft))
     if cfg.hflip > 0:
         steps.append(T.RandomHorizontalFlip(cfg.hflip))  # drawn per sample: flips with probability hflip
     if cfg.aa_order == "after_crop":
@@ -143,7 +191,7 @@ def eval_transform(cfg: DataConfig) -> T.Compose:
     """Resize the short side to image_size / crop_pct, then center crop (no squashing)."""
     resize = math.floor(cfg.image_size / cfg.crop_pct)
     interpolation = T.InterpolationMode(cfg.interpolation)
-    return T.Compose([T.Resize(resize, interpolation=interpolation, antialias=True),
+    return T.Compose([DecodeResize(resize, interpolation=interpolation, antialias=True, draft=cfg.jpeg_draft),
                       T.CenterCrop(cfg.image_size), T.ToImage(), T.ToDtype(torch.uint8)])
 
 
@@ -154,6 +202,14 @@ def seeded(seed: int):
     Augmentation random numbers then depend on (run seed, epoch, sample) only:
     they differ across epochs, workers and ranks, and a resumed run redraws
     exactly the numbers the uninterrupted run drew."""
+    if torch.utils.data.get_worker_info() is not None:
+        # a DataLoader worker: nothing else draws from its generators, so skip the save and restore
+        # (numpy's get_state/set_state alone cost ~0.1 ms, a third of a small image's whole load)
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        yield
+        return
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         # the CPU generator only: torch.manual_seed would also reseed (and fork_rng not restore) the
@@ -177,9 +233,17 @@ class TransformedSubset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        image, label = self.images.load(self.indices[i])
-        with seeded(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF):
-            return self.transform(image), label
+        # a file that does not decode is replaced by the next one in the subset (deterministic,
+        # with sample i's random numbers); the epoch goes on, whatever the worker
+        for step in range(len(self.indices)):
+            index = self.indices[(i + step) % len(self.indices)]
+            try:
+                image, label = self.images.encoded(index)
+                with seeded(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF):
+                    return self.transform(image), label
+            except DECODE_ERRORS as err:
+                self.images.report_corrupt(index, err)
+        raise RuntimeError(f"none of the {len(self.indices)} images of this split decodes")
 
 
 class ResumableSampler(Sampler):
@@ -227,12 +291,18 @@ class Loaders:
         self.train.dataset.epoch = epoch
         self.train_sampler.set_epoch(epoch, skip_samples)
 
+    def corrupt_images(self) -> int:
+        """Images found not to decode so far on this rank (train and val; each file counted once)."""
+        return int(self.train.dataset.images.corrupt.sum())
+
 
 def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world_size: int) -> Loaders:
-    if cfg.source == "imagefolder" and not cfg.path:
-        raise ConfigError("data.path is not set: source=imagefolder needs the ImageFolder root "
-                          "(for example data.path=/data/imagenet/train)")
-    images = DigitsImages() if cfg.source == "digits" else FolderImages(cfg.path)
+    if cfg.source != "digits" and not cfg.path:
+        example = "/data/imagenet/train" if cfg.source == "imagefolder" else "/data/imagenet-train.lmdb"
+        raise ConfigError(f"data.path is not set: source={cfg.source} needs "
+                          f"{'the ImageFolder root' if cfg.source == 'imagefolder' else 'the packed LMDB file'} "
+                          f"(for example data.path={example})")
+    images = open_source(cfg)
     if len(images) < 2:
         raise ConfigError(f"data: {cfg.path or cfg.source} holds {len(images)} images; need at least 2")
     train_idx, val_idx = split_indices(len(images), cfg.val_fraction, cfg.split_seed)

@@ -24,6 +24,9 @@ class Distributed:
     rank: int
     world_size: int
     local_rank: int
+    # a gloo group over all ranks for small host-side agreements (the stop request): no device sync.
+    # None means the default group, which is gloo already on the CPU
+    cpu_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -36,16 +39,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: float = 600) -> Distributed:
+def init_distributed(timeout_s: float = 1800) -> Distributed:
     """Join the launcher's process group (deepspeed/torchrun set RANK etc.), or make
-    a group of one when started as plain `python -m trainer`."""
+    a group of one when started as plain `python -m trainer`.
+
+    timeout_s bounds every collective (gloo and NCCL honour the group's timeout): when a rank
+    dies or hangs, the others raise instead of waiting forever."""
     import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))
-    return Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    world_size = int(os.environ["WORLD_SIZE"])
+    # DeepSpeed (0.19) reduces gradients over its own clone of the world group, which it makes with
+    # torch's default timeout (30 min), not the one above: a stuck rank held the others that long
+    # whatever timeout_s said. Make the clone here, with ours; DeepSpeed then uses it.
+    from deepspeed.utils import groups
+    if groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(world_size)), timeout=timedelta(seconds=timeout_s))
+    if get_accelerator().device_name() == "cpu":
+        _share_cores()
+    cpu_group = None
+    if world_size > 1 and dist.get_backend() != "gloo":
+        cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)), cpu_group)
+
+
+def _share_cores() -> None:
+    """CPU ranks on one machine split its cores: each torch defaults to all of them, and N ranks x
+    all cores oversubscribe (2 ranks x 2 threads on 2 cores ran 50x slower). OMP_NUM_THREADS, set by
+    the user or by `deepspeed --bind_cores_to_rank`, wins."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun / deepspeed
+    if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // local_world))
 
 
 def resolve_ds_config_path(name: str) -> Path:

@@ -42,6 +42,9 @@ class TrainState:
     images_seen: int = 0  # global, all ranks
     skipped_steps: int = 0  # optimizer steps skipped for overflow / non-finite gradients
     train_seconds: float = 0.0  # wall time spent in training steps, all sessions
+    # micro-batch losses since the last logged row: a resumed run's first row averages the same window
+    loss_window_sum: float = 0.0
+    loss_window_count: int = 0
     last_eval: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
 
@@ -108,23 +111,52 @@ def evaluate_both(engine, ema, loader, input_dtype, show: bool) -> dict:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT ask the loop to checkpoint and stop at the next step boundary."""
+    """SIGTERM/SIGINT ask the loop to checkpoint and stop at the next step boundary.
 
-    def __init__(self):
-        self.signal = None
+    Each rank receives its signal at its own moment (the launcher and SLURM signal them one by
+    one), so the loop acts only on `signal`, which `agree` sets on every rank at the same step:
+    a rank that stopped alone would checkpoint by itself while the others waited in their next
+    collective until the timeout."""
+
+    def __init__(self, group=None):
+        self.signal = None  # agreed by all ranks: the loop stops on this one
+        self.received = None  # this rank's own signal, not yet agreed
+        self.group = group  # a gloo group: the agreement is a host-side all_reduce, no device sync
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop now
+        if self.received is not None:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        self.received = signal.Signals(signum).name
+
+    def agree(self) -> None:
+        """Every rank calls this at every step boundary: a signal on any rank stops them all."""
+        if self.signal is not None:  # already agreed, or --stop-at-step (the same step on every rank)
+            return
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            flag = torch.tensor([self.received is not None], dtype=torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            if flag.item():
+                self.signal = self.received or "a signal to another rank"
+        else:
+            self.signal = self.received
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """A per-rank scalar averaged over the ranks (all must call it): the logged loss is the global
+    batch's, the loss one process with the global batch would log."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        value = value.detach().clone()
+        torch.distributed.all_reduce(value)  # SUM: gloo has no AVG
+        value /= torch.distributed.get_world_size()
+    return value.item()
 
 
 def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int | None = None) -> dict:
     """resume: None (fresh run), "auto" (continue if a checkpoint exists) or "required".
     stop_at_step: behave as if interrupted right after that optimizer step."""
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.collective_timeout_s)
     t = cfg.train
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
 
@@ -161,32 +193,39 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
         state = TrainState(**client["trainer"])
         ema.load_state_dict(client["ema"])
         checkpoint.restore_rng_states(client["rng"])
+        if dist.is_main:
+            print(f"resuming from {ckpt_dir / tag} (step {state.step})", flush=True)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    tracker = Tracker(run_dir, cfg.to_dict(), cfg.wandb, cfg.name, enabled=dist.is_main)
+    tracker = Tracker(run_dir, cfg.to_dict(), cfg.wandb, cfg.name, enabled=dist.is_main, resume_step=state.step)
     monitor = HealthMonitor(ds_config["fp16"].get("min_loss_scale", 1) if t.precision == "fp16" else None,
                             t.max_consecutive_skips, skipped_steps=state.skipped_steps)
 
-    def save_checkpoint():
+    def save_checkpoint(new_best: bool = False):
         if not all_finite(engine.module):  # never write a checkpoint that cannot be trained from
             raise Collapsed("the weights are non-finite; the last good checkpoint is kept")
         state.skipped_steps = monitor.skipped_steps
+        state.loss_window_sum, state.loss_window_count = float(loss_sum), loss_count  # a device sync
         client = {"trainer": asdict(state), "ema": ema.state_dict(), "rng": checkpoint.rng_states(),
                   "config": cfg.to_dict()}
-        checkpoint.save(engine, ckpt_dir, state.step, client, t.keep_checkpoints, dist.is_main)
+        best = {"metric": t.keep_best, "value": state.best[t.keep_best]} if new_best else None
+        checkpoint.save(engine, ckpt_dir, state.step, client, t.keep_checkpoints, dist.is_main, best=best)
 
     def summary(status: str) -> dict:
         state.skipped_steps = monitor.skipped_steps
-        return {"status": status, "skipped_steps": state.skipped_steps, "run_dir": str(run_dir), "steps": state.step, "total_steps": total_steps,
+        return {"status": status, "skipped_steps": state.skipped_steps, "corrupt_images": loaders.corrupt_images(),
+                "run_dir": str(run_dir), "steps": state.step, "total_steps": total_steps,
                 "epochs": state.step / steps_per_epoch, "images_seen": state.images_seen,
                 "images_per_s": state.images_seen / max(state.train_seconds, 1e-9),
                 "wall_time_s": time.time() - started, "final": state.last_eval, "best": state.best,
                 **{k: state.last_eval.get(k) for k in METRIC_NAMES},
                 **{f"best_{k}": state.best.get(k) for k in METRIC_NAMES}}
 
-    def run_eval():
+    def run_eval() -> bool:
+        """Evaluate and log; True when train.keep_best's metric reached a new best."""
         result = evaluate_both(engine, ema, loaders.val, input_dtype, show=dist.is_main)
         state.last_eval = {"step": state.step, "epoch": state.step / steps_per_epoch, **result}
+        new_best = t.keep_best != "none" and result[t.keep_best] > state.best.get(t.keep_best, -1.0)
         for key in METRIC_NAMES:
             state.best[key] = max(state.best.get(key, -1.0), result[key])
         tracker.log(state.last_eval)
@@ -195,6 +234,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                        f"model top1 {result['top1']:.2f} top5 {result['top5']:.2f} | "
                        f"EMA top1 {result['ema_top1']:.2f} top5 {result['ema_top5']:.2f} "
                        f"({result['val_images']} images)")
+        return new_best
 
     eval_every = max(1, round(t.eval_every_epochs * steps_per_epoch))
     ckpt_every = max(1, round(t.checkpoint_every_epochs * steps_per_epoch))
@@ -206,11 +246,12 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
 
     # -- train
     started = time.time()
-    stop = StopRequest()
+    stop = StopRequest(dist.cpu_group)
     status = "failed"
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not dist.is_main, dynamic_ncols=True)
     try:
-        loss_sum, loss_count = torch.zeros((), device=device), 0
+        # a resumed run continues the logging window its checkpoint was in (exact metrics after resume)
+        loss_sum, loss_count = torch.tensor(state.loss_window_sum, device=device), state.loss_window_count
         window_start, window_images = time.time(), 0
         while state.step < total_steps and stop.signal is None:
             loaders.start_epoch(state.epoch, skip_samples=state.batches_in_epoch * t.micro_batch)
@@ -239,26 +280,29 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                 bar.update(1)
                 if state.step == stop_at_step:
                     stop.signal = f"--stop-at-step {stop_at_step}"
+                stop.agree()  # every rank stops at the same step, or none does
                 if state.step % t.log_every_steps == 0 or state.step == total_steps:
                     # note: reading the loss is a device sync, done only on logging steps
                     elapsed = time.time() - window_start
                     state.train_seconds += elapsed
                     row = {"step": state.step, "epoch": state.step / steps_per_epoch,
-                           "loss": (loss_sum / loss_count).item(), "lr": schedule(state.step - 1),
+                           "loss": mean_over_ranks(loss_sum / loss_count), "lr": schedule(state.step - 1),
                            "images_per_s": window_images / max(elapsed, 1e-9),
                            "grad_norm": None if outcome.grad_norm is None else float(outcome.grad_norm),
                            "loss_scale": precision.loss_scale(engine), "overflow": not outcome.applied,
-                           "skipped_steps": monitor.skipped_steps}
+                           "skipped_steps": monitor.skipped_steps,
+                           "corrupt_images": loaders.corrupt_images()}  # this rank's, replaced and reported
                     tracker.log(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}",
                                     img_s=f"{row['images_per_s']:.0f}", epoch=f"{row['epoch']:.2f}")
                     loss_sum, loss_count = torch.zeros((), device=device), 0
                     window_start, window_images = time.time(), 0
                 pause = time.time()
+                new_best = False
                 if state.step % eval_every == 0 or state.step == total_steps:
-                    run_eval()
-                if state.step % ckpt_every == 0 or state.step == total_steps or stop.signal:
-                    save_checkpoint()
+                    new_best = run_eval()
+                if state.step % ckpt_every == 0 or state.step == total_steps or stop.signal or new_best:
+                    save_checkpoint(new_best)
                 window_start += time.time() - pause  # eval and checkpoint time is not training time
                 if state.step >= total_steps or stop.signal:
                     break

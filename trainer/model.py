@@ -27,6 +27,14 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         zero_init_last_bn(model)
     if cfg.act_after_projection:
         add_act_after_projection(model)
+    if cfg.sync_bn:
+        # last, so it converts the BNs the steps above configured. It must come before the EMA copy
+        # (its BN modules and state_dict must be the model's), the optimizer (it must hold the
+        # parameters the converted model trains: PITFALLS) and the engine (DeepSpeed broadcasts,
+        # flattens and at ZeRO 1/2 re-points the parameters of the modules it is given)
+        from .syncbn import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
     return model
 
 

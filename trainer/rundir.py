@@ -24,6 +24,8 @@ def _same_run(saved: dict, cfg: Config) -> bool:
 
 def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
     """None if this run may use run_dir, else the reason it may not."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"run directory {run_dir} is a file, not a directory"
     saved_config = run_dir / "config.yaml"
     has_checkpoint = latest_tag(run_dir / "checkpoints") is not None
     if resume == "required" and not has_checkpoint:

@@ -55,10 +55,31 @@ def warn(message: str) -> None:
 class Tracker:
     """Metrics to metrics.jsonl (append, one object per line) and to W&B."""
 
-    def __init__(self, run_dir: Path, config: dict, cfg: WandbConfig, name: str, enabled: bool):
+    def __init__(self, run_dir: Path, config: dict, cfg: WandbConfig, name: str, enabled: bool,
+                 resume_step: int = 0):
+        """resume_step: the step the run starts from (its checkpoint's; 0 when fresh)."""
         self.run_dir, self.enabled = run_dir, enabled
         self.metrics_path = run_dir / "metrics.jsonl"
+        if enabled:
+            self._drop_rows_after(resume_step)
         self.wandb_run = self._start_wandb(config, cfg, name) if enabled else None
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Rows a killed run logged after its last checkpoint are logged again by the resumed run:
+        drop them, so the file holds each step once. Replaced atomically; a torn last line goes too."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # the half-written line of a killed run
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.metrics_path)
 
     def _start_wandb(self, config: dict, cfg: WandbConfig, name: str):
         mode = wandb_mode(cfg.mode)
@@ -73,11 +94,15 @@ class Tracker:
             kwargs = dict(dir=str(self.run_dir), config=config, name=name, id=run_id, resume="allow",
                           project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags))
             try:
-                return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
+                settings = wandb.Settings(init_timeout=cfg.init_timeout_s, silent=True)
+                return wandb.init(mode=mode, settings=settings, **kwargs)
             except Exception as err:  # noqa: BLE001 - server unreachable, bad key, ...
                 if mode != "online":
                     raise
-                warn(f"W&B online failed ({type(err).__name__}: {err}); logging offline instead")
+                reason = " ".join(str(err).split())  # wandb's messages span lines; a warning is one
+                warn(f"W&B online failed ({type(err).__name__}: {reason}); logging offline instead")
+                # the failed run still holds its id in wandb's service process: end that process first
+                wandb.teardown()
                 return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
         except Exception as err:  # noqa: BLE001 - W&B must never stop training
             warn(f"W&B disabled for this run: {type(err).__name__}: {err}")
