@@ -66,8 +66,9 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
-class DecodeRandomResizedCrop(T.RandomResizedCrop):
-    """RandomResizedCrop that decodes an EncodedImage itself, at reduced size where the crop allows."""
+class DecodesEncodedImages:
+    """Mixin for a torchvision transform: it decodes an EncodedImage itself (`from_encoded`, drafting
+    a JPEG down where `draft` allows); anything already decoded goes to the transform unchanged."""
 
     def __init__(self, *args, draft: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -77,6 +78,13 @@ class DecodeRandomResizedCrop(T.RandomResizedCrop):
         image = inputs[0] if len(inputs) == 1 else None
         if not isinstance(image, EncodedImage):
             return super().forward(*inputs)
+        return self.from_encoded(image)
+
+
+class DecodeRandomResizedCrop(DecodesEncodedImages, T.RandomResizedCrop):
+    """RandomResizedCrop that decodes an EncodedImage itself, at reduced size where the crop allows."""
+
+    def from_encoded(self, image: EncodedImage) -> torch.Tensor:
         return self.crop_encoded(image)[0]
 
     def crop_encoded(self, image: EncodedImage):
@@ -107,18 +115,11 @@ def resized_size(height: int, width: int, size: list[int]) -> tuple[int, int]:
     return (new_short, new_long) if height <= width else (new_long, new_short)
 
 
-class DecodeResize(T.Resize):
+class DecodeResize(DecodesEncodedImages, T.Resize):
     """Resize (short side to `size`) that decodes an EncodedImage itself, drafting a JPEG down to
     no less than the output size; the output size is computed from the original image size."""
 
-    def __init__(self, *args, draft: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.draft = draft
-
-    def forward(self, *inputs):
-        image = inputs[0] if len(inputs) == 1 else None
-        if not isinstance(image, EncodedImage):
-            return super().forward(*inputs)
+    def from_encoded(self, image: EncodedImage) -> torch.Tensor:
         img = Image.open(io.BytesIO(image.data))
         width, height = img.size
         out_h, out_w = resized_size(height, width, self.size)
