@@ -45,6 +45,7 @@ def init_distributed(timeout_s: float = 1800) -> Distributed:
 
     timeout_s bounds every collective (gloo and NCCL honour the group's timeout): when a rank
     dies or hangs, the others raise instead of waiting forever."""
+    _quiet_import_notices()
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -66,6 +67,25 @@ def init_distributed(timeout_s: float = 1800) -> Distributed:
     if world_size > 1 and dist.get_backend() != "gloo":
         cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)), cpu_group)
+
+
+def _quiet_import_notices() -> None:
+    """On a machine without a GPU, torch ("No CUDA runtime is found") and DeepSpeed ("Setting
+    accelerator to CPU") warn while importing; the run's banner names the device instead, and
+    stderr stays for what needs reading (a config error is then the only line)."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from deepspeed.utils import logger as deepspeed_logger
+
+    level = deepspeed_logger.level
+    deepspeed_logger.setLevel(logging.ERROR)
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator()  # detection happens, and warns, on the first call
+    finally:
+        deepspeed_logger.setLevel(level)
 
 
 def _share_cores() -> None:

@@ -242,7 +242,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
         print(f"run {cfg.name}: {run_dir} | world {dist.world_size} x micro batch {t.micro_batch} x accum "
               f"{t.grad_accum} = global batch {global_batch} | peak lr {schedule.peak:.4g} | "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps | {cfg.model.name} {t.precision} "
-              f"ZeRO {t.zero_stage}", flush=True)
+              f"ZeRO {t.zero_stage} on {device}", flush=True)
 
     # -- train
     started = time.time()
