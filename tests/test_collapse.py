@@ -2,7 +2,6 @@
 stop early with status `collapsed` and a diagnosis naming where it went non-finite."""
 import json
 
-import pytest
 import torch
 
 from conftest import read_jsonl

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import REPO, TINY, read_jsonl, run_cli
 from trainer.config import ConfigError, DataConfig
-from trainer.data import FolderImages, TransformedSubset, build_loaders, eval_transform, seeded
+from trainer.data import FolderImages, build_loaders, eval_transform, seeded
 from trainer.decode import DecodeRandomResizedCrop, DecodeResize, EncodedImage, draft_scale_for
 from trainer.lmdb_source import LmdbImages, pack
 

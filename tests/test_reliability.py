@@ -4,7 +4,6 @@ falling back to offline when its server cannot be reached."""
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GROUP_VARIABLES, REPO, read_jsonl, run_cli
+from conftest import GROUP_VARIABLES, read_jsonl, run_cli
 
 TINY = ["model.name=test_efficientnet", "data.image_size=16"]
 QUIET = ["wandb.mode=disabled"]

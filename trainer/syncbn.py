@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 from timm.layers.norm_act import SyncBatchNormAct as TimmSyncBatchNormAct
 from torch.nn.modules.batchnorm import _BatchNorm
