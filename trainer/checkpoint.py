@@ -29,6 +29,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .track import write_text_atomic
+
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
@@ -98,15 +100,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
@@ -149,9 +142,9 @@ def _commit(ckpt_dir: Path, tmp_tag: str, tag: str, step: int, best: Optional[di
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
     _fsync(ckpt_dir)
-    _write_atomic(ckpt_dir / "latest", tag)
+    write_text_atomic(ckpt_dir / "latest", tag)
     if best is not None:
-        _write_atomic(ckpt_dir / "best.json", json.dumps({"tag": tag, "step": step, **best}) + "\n")
+        write_text_atomic(ckpt_dir / "best.json", json.dumps({"tag": tag, "step": step, **best}) + "\n")
     _fsync(ckpt_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -143,4 +143,6 @@ def write_diagnosis(run_dir: Path, reason: str, step: int, modules: dict, monito
 
 
 def all_finite(module: nn.Module) -> bool:
-    return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
+    # one device sync for the whole model, not one per tensor
+    flags = [torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True

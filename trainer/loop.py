@@ -322,9 +322,10 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                        file=sys.stderr)
     finally:
         bar.close()
-        tracker.summary(summary(status))
+        result = summary(status)
+        tracker.summary(result)
         tracker.finish(exit_code=0 if status in ("completed", "interrupted") else 1)
         if status != "failed" and torch.distributed.is_initialized():
             torch.distributed.barrier()  # all ranks end together
-    return summary(status)
+    return result
 

@@ -16,10 +16,18 @@ from typing import Any, Optional
 from .config import WandbConfig
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside `path`, flush to disk, then rename over it: a crash leaves the old file or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value):
@@ -77,9 +85,7 @@ class Tracker:
                 continue
             if row.get("step", 0) <= step:
                 kept.append(line + "\n")
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.metrics_path)
+        write_text_atomic(self.metrics_path, "".join(kept))
 
     def _start_wandb(self, config: dict, cfg: WandbConfig, name: str):
         mode = wandb_mode(cfg.mode)
