@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="EfficientNet training through DeepSpeed, reproducing the TF recipe and its ablations.",
         epilog="verbs:\n  train     train a recipe (see `train --help`)\n  recipes   list recipes and their variants\n"
                "  pack      pack an ImageFolder tree into one LMDB file\n"
-               "  bench     bench data: input-pipeline images/s against torchvision's ImageFolder\n\n"
+               "  bench     bench data: input-pipeline images/s against torchvision's ImageFolder\n"
+               "  sweep     one run per (variant, seed), here one after another, or --plan for a cluster\n\n"
                f"recipes: {', '.join(available_recipes())}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher puts it first
@@ -46,6 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     verbs.add_parser("recipes", help="list recipes and their variants")
+
+    sweep = verbs.add_parser(
+        "sweep", help="one run per (variant, seed): here one after another, or --plan for a cluster",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train every (variant, seed) of RECIPE into SWEEP_DIR/<variant>-seed<N>/, one run at a "
+                    "time, all in one W&B group with the variant as a tag. Runs already completed (or "
+                    "collapsed) are skipped and interrupted ones continue, so the same command resumes "
+                    "a stopped sweep.",
+        epilog=f"{OVERRIDES_HELP}\n(the overrides apply to every run, after its variant)\n\n"
+               "examples:\n  python -m trainer sweep --recipe notes_b0 --variants notes/1,notes/2 --seeds 2 "
+               "data.source=digits data.image_size=32\n"
+               "  python -m trainer sweep --recipe tf_efficientnet_b0 --seeds 3 --plan data.path=/data/train\n")
+    sweep.add_argument("--recipe", required=True, help="recipe name")
+    sweep.add_argument("--variants", help="comma-separated variants (default: the recipe as it is); "
+                                          "'all' for every variant, a trailing * for a prefix (notes/*)")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per variant (default 1)")
+    sweep.add_argument("--sweep-dir", type=Path, help="where the runs go (default runs/sweep-<recipe>)")
+    sweep.add_argument("--group", help="W&B group (default: the sweep directory's name)")
+    sweep.add_argument("--plan", action="store_true",
+                       help="print deepspeed launcher lines and a SLURM array script instead of running")
+    sweep.add_argument("--gpus", type=int, default=8, help="GPUs per run in --plan (default 8)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
     pack = verbs.add_parser("pack", help="pack an ImageFolder tree into one LMDB file (data.source=lmdb)",
                             description="Pack SRC (class folders of images) into the LMDB file DST: the encoded "
@@ -93,6 +116,21 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import plan_runs, print_plan, run_sweep, select_variants, write_manifest
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1 (got {args.seeds})")
+    variants = select_variants(args.recipe, args.variants)
+    sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{args.recipe}"
+    runs = plan_runs(args.recipe, variants, args.seeds, sweep_dir, args.overrides, args.group)
+    if args.plan:
+        print_plan(runs, args.gpus, Path.cwd())
+        return 0
+    write_manifest(runs, sweep_dir)
+    return run_sweep(runs)
+
+
 def cmd_pack(args) -> int:
     import signal
 
@@ -118,12 +156,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     # overrides may stand anywhere among the options: collect the leftovers as overrides
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.verb != "train" or any(item.startswith("-") for item in extra)):
+    if extra and (args.verb not in ("train", "sweep") or any(item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
     try:
-        return {"train": cmd_train, "recipes": cmd_recipes, "pack": cmd_pack, "bench": cmd_bench}[args.verb](args)
+        return {"train": cmd_train, "recipes": cmd_recipes, "pack": cmd_pack, "bench": cmd_bench,
+                "sweep": cmd_sweep}[args.verb](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

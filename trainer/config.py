@@ -173,6 +173,10 @@ class ScheduleConfig(Section):
 
 class TrainConfig(Section):
     epochs: float = Field(10, gt=0)
+    # lengths in epochs (train.epochs, the schedule's warmup and decay) count epochs of
+    # epoch_scale x the data: a recipe's schedule, shape kept, in fewer passes (the notes' 350-epoch
+    # rows swept on a small data set). Eval and checkpoint intervals stay in passes over the data.
+    epoch_scale: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, ge=1)  # stop after this many optimizer steps
     micro_batch: int = Field(64, ge=1)  # per process, per forward
     grad_accum: int = Field(1, ge=1)

@@ -168,7 +168,8 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
     if steps_per_epoch == 0:
         raise ConfigError(f"data: {loaders.train_size} training images are fewer than one global batch "
                           f"({global_batch}); lower train.micro_batch")
-    total_steps = min(t.max_steps or math.inf, math.ceil(t.epochs * steps_per_epoch))
+    schedule_epoch = steps_per_epoch * t.epoch_scale  # optimizer steps in one epoch of the recipe's lengths
+    total_steps = min(t.max_steps or math.inf, math.ceil(t.epochs * schedule_epoch))
     ds_config = build_ds_config(t, dist.world_size)
     precision.check_precision_supported(t.precision, t.allow_cpu_fp16)
     model = build_model(cfg.model, loaders.num_classes)
@@ -178,7 +179,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
     device = torch.device(get_accelerator().device_name(dist.local_rank))
     model.to(device)
     ema = build_ema(model, t, device)  # a separate fp32 copy, before DeepSpeed casts or wraps the model
-    schedule = LRSchedule(cfg.schedule, peak_lr(cfg.optim, global_batch), steps_per_epoch, total_steps)
+    schedule = LRSchedule(cfg.schedule, peak_lr(cfg.optim, global_batch), schedule_epoch, total_steps)
     optimizer = build_optimizer(cfg.optim, model, lr=schedule(0))
     engine, guard = build_engine(model, optimizer, ds_config, t)
     l2_penalty = build_l2_penalty(cfg.optim, engine.module)  # after the engine: the tensors it trains

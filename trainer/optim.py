@@ -189,7 +189,7 @@ class LRSchedule:
     scheduler (updated per epoch) rounds to whole epochs; that rounding is `exp_epoch`."""
     cfg: ScheduleConfig
     peak: float
-    steps_per_epoch: int
+    steps_per_epoch: float  # optimizer steps per epoch of the schedule (train.epoch_scale x the data)
     total_steps: int
 
     @property

@@ -1,0 +1,191 @@
+"""Sweeps: one training run per (variant, seed) of a recipe, one after another on this machine,
+or as commands for a cluster (`--plan`). Every run goes in one W&B group, tagged with its variant."""
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from .config import ConfigError, load_config, read_recipe
+from .track import read_summary, write_json_atomic
+
+# a run with one of these statuses is a result (a collapse is the notes' outcome for some rows)
+FINISHED = ("completed", "collapsed")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    recipe: str
+    variant: Optional[str]
+    seed: int
+    run_dir: Path
+    group: str
+    overrides: tuple[str, ...]
+    same_as: Optional[Path] = None  # an earlier run of this sweep with exactly this config: not run twice
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant or self.recipe} seed {self.seed}"
+
+    def config_overrides(self) -> list[str]:
+        tags = f"wandb.tags=[{self.variant}]" if self.variant else "wandb.tags=[]"
+        return [f"seed={self.seed}", f"wandb.group={self.group}", tags, *self.overrides]
+
+    def train_args(self) -> list[str]:
+        """The arguments after `train`; resume=auto makes the same line start, continue or requeue it."""
+        args = ["--recipe", self.recipe, "--run-dir", str(self.run_dir)]
+        if self.variant:
+            args += ["--variant", self.variant]
+        return args + self.config_overrides() + ["resume=auto"]
+
+    def status(self) -> Optional[str]:
+        summary = read_summary(self.run_dir)
+        return summary["status"] if summary else None
+
+
+def plan_runs(recipe: str, variants: list[Optional[str]], seeds: int, sweep_dir: Path,
+              overrides: list[str], group: Optional[str] = None) -> list[SweepRun]:
+    """Every (variant, seed), variant-major; each config is validated here, so a bad variant
+    or override stops the sweep before its first run (ConfigError). Variants that come out equal
+    (the notes repeat settings: rows 26, 27 and 29 are row 13) point at the first one's runs."""
+    group = group or sweep_dir.name
+    runs, first_with = [], {}
+    for variant in variants:
+        for seed in range(seeds):
+            name = (variant or recipe).replace("/", "-")
+            run = SweepRun(recipe, variant, seed, sweep_dir / f"{name}-seed{seed}", group, tuple(overrides))
+            settings = load_config(recipe, run.config_overrides(), variant=variant).to_dict()
+            for label in ("name", "variant", "wandb"):
+                settings.pop(label)
+            key = json.dumps(settings, sort_keys=True)
+            if key in first_with:
+                run = replace(run, same_as=first_with[key])
+            first_with.setdefault(key, run.run_dir)
+            runs.append(run)
+    return runs
+
+
+def write_manifest(runs: list[SweepRun], sweep_dir: Path) -> None:
+    """sweep.json: every (variant, seed) and the run directory holding its result, for the notebooks."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(sweep_dir / "sweep.json", {"recipe": runs[0].recipe, "group": runs[0].group, "runs": [
+        {"variant": r.variant, "seed": r.seed, "run_dir": (r.same_as or r.run_dir).name,
+         "same_as": r.same_as.name if r.same_as else None} for r in runs]})
+
+
+def run_sweep(runs: list[SweepRun]) -> int:
+    """Run each unfinished run to its end, one at a time, in a child process (a fresh DeepSpeed,
+    W&B and torch state per run). SIGINT/SIGTERM stop the running child cleanly (it checkpoints)
+    and end the sweep; the same command later continues it. Exit 1 if a run failed."""
+    stopping = []
+    child: list[subprocess.Popen] = []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+        if child and signum == signal.SIGTERM:  # Ctrl-C reaches the child itself through the terminal
+            child[0].send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed = []
+    try:
+        for index, run in enumerate(runs, 1):
+            head = f"[{index}/{len(runs)}] {run.label}"
+            if run.same_as:
+                print(f"{head}: same settings as {run.same_as.name}, not run again", flush=True)
+                continue
+            if run.status() in FINISHED:
+                print(f"{head}: {run.status()} already, skipped ({run.run_dir})", flush=True)
+                continue
+            if stopping:
+                break
+            print(f"{head}: training in {run.run_dir}", flush=True)
+            run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            with open(run.run_dir.parent / f"{run.run_dir.name}.log", "a") as log:
+                child[:] = [subprocess.Popen([sys.executable, "-m", "trainer", "train", *run.train_args()],
+                                             stdout=log, stderr=subprocess.STDOUT)]
+                code = child[0].wait()
+            status = run.status()
+            print(f"{head}: {status or 'no summary'} (exit {code}){describe(run)}", flush=True)
+            if status not in FINISHED and not stopping:
+                failed.append(run)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if stopping:
+        print("sweep stopped; run the same command again to continue it", file=sys.stderr)
+        return 128 + stopping[0]
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(r.label for r in failed)} "
+              f"(logs beside their run directories)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def describe(run: SweepRun) -> str:
+    summary = read_summary(run.run_dir) or {}
+    if summary.get("top1") is None:
+        return ""
+    return f": top1 {summary['top1']:.2f}, EMA top1 {summary['ema_top1']:.2f}"
+
+
+# -- cluster commands
+
+def launcher_line(run: SweepRun, gpus: int) -> str:
+    return shlex.join(["deepspeed", "--num_gpus", str(gpus), "--module", "trainer", "train", *run.train_args()])
+
+
+def slurm_array_script(runs: list[SweepRun], gpus: int, repo: Path) -> str:
+    """One array task per run, each a one-node DeepSpeed launch; requeue-safe (resume=auto)."""
+    runs = [run for run in runs if not run.same_as]
+    cases = "\n".join(f"    {i}) set -- {shlex.join(run.train_args())} ;;" for i, run in enumerate(runs))
+    return f"""#!/usr/bin/env bash
+# Sweep {runs[0].group}: {len(runs)} runs, one SLURM array task each (sbatch this file).
+# A task killed at its time limit (SIGTERM 10 min before: it checkpoints) continues when requeued.
+#SBATCH --job-name={runs[0].group}
+#SBATCH --array=0-{len(runs) - 1}
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={gpus}
+#SBATCH --time=24:00:00
+#SBATCH --signal=TERM@600
+#SBATCH --requeue
+#SBATCH --output=slurm-%A_%a.out
+set -euo pipefail
+cd {shlex.quote(str(repo))}
+source .venv/bin/activate
+case "$SLURM_ARRAY_TASK_ID" in
+{cases}
+    *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;
+esac
+exec deepspeed --num_gpus {gpus} --master_port $((20000 + SLURM_JOB_ID % 20000)) --module trainer train "$@"
+"""
+
+
+def print_plan(runs: list[SweepRun], gpus: int, repo: Path) -> None:
+    print(f"# {sum(not r.same_as for r in runs)} runs, one node of {gpus} GPUs each: run these lines anywhere one after another,")
+    print("# or submit the SLURM array script below (one task per run)")
+    for run in runs:
+        if not run.same_as:
+            print(launcher_line(run, gpus))
+    print("\n# ---- SLURM array script ----")
+    print(slurm_array_script(runs, gpus, repo), end="")
+
+
+def select_variants(recipe: str, spec: Optional[str]) -> list[Optional[str]]:
+    """`a,b`; `all`; `notes/*` (a prefix); none: the recipe itself. Unknown names: ConfigError."""
+    if not spec:
+        return [None]
+    known = list(read_recipe(recipe).get("variants") or {})
+    chosen = []
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        matches = (known if item == "all" else [v for v in known if v.startswith(item[:-1])] if item.endswith("*")
+                   else [item] if item in known else [])
+        if not matches:
+            raise ConfigError(f"recipe {recipe!r} has no variant {item!r}; available: {', '.join(known) or 'none'}")
+        chosen += [v for v in matches if v not in chosen]
+    return chosen
