@@ -21,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="EfficientNet training through DeepSpeed, reproducing the TF recipe and its ablations.",
         epilog="verbs:\n  train     train a recipe (see `train --help`)\n  recipes   list recipes and their variants\n"
                "  pack      pack an ImageFolder tree into one LMDB file\n"
-               "  bench     bench data: input-pipeline images/s against torchvision's ImageFolder\n"
-               "  sweep     one run per (variant, seed), here one after another, or --plan for a cluster\n\n"
+               "  bench     bench data: input-pipeline images/s against torchvision's ImageFolder;\n"
+               "            bench train: a bare PyTorch loop against the trainer, eager and compiled\n"
+               "  sweep     one run per (variant, seed), here one after another, or --plan for a cluster\n"
+               "  report    execute the notebooks on runs and render them as Markdown under reports/\n\n"
                f"recipes: {', '.join(available_recipes())}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher puts it first
@@ -78,7 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("dst", type=Path, metavar="DST")
     pack.add_argument("--force", action="store_true", help="replace DST if it exists")
 
-    bench = verbs.add_parser("bench", help="benchmarks (bench data)")
+    report = verbs.add_parser(
+        "report", help="execute the notebooks headless on runs and render them as Markdown",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Execute notebooks/ablations.ipynb on the sweeps (--sweep) and notebooks/loss_scale_collapse.ipynb "
+                    "on two fp16 runs (--healthy, --collapsed) in a fresh kernel, and write them as Markdown with "
+                    "their figures: OUT/ablations.md, OUT/loss_scale_collapse.md, OUT/<name>_files/*.png. "
+                    "A missing input stops it before anything is written.",
+        epilog="examples:\n  python -m trainer report --sweep runs/sweep-notes_b0\n"
+               "  python -m trainer report --healthy runs/fp16 --collapsed runs/fp16-rmsprop --out reports/\n")
+    report.add_argument("--sweep", nargs="+", type=Path, default=[], metavar="DIR",
+                        help="sweep directories (with sweep.json); a variant in several at one precision: the last wins")
+    report.add_argument("--baseline", metavar="VARIANT",
+                        help="the row the deltas are against (default: notes row 1 if swept, else the first variant)")
+    report.add_argument("--healthy", type=Path, metavar="RUN", help="an fp16 run that trained normally")
+    report.add_argument("--collapsed", type=Path, metavar="RUN", help="an fp16 run whose loss scale collapsed")
+    report.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
+
+    bench = verbs.add_parser("bench", help="benchmarks (bench data, bench train)")
     bench_verbs = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
     bench_data = bench_verbs.add_parser(
         "data", help="training-transform images/s per worker against torchvision's ImageFolder, same run")
@@ -88,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--image-size", type=int, default=224, help="training crop size (default 224)")
     bench_data.add_argument("--batch-size", type=int, default=32)
     bench_data.add_argument("--repeats", type=int, default=2, help="passes per loader, best reported (default 2)")
+    bench_train = bench_verbs.add_parser(
+        "train", help="a bare PyTorch loop against the trainer, eager and compiled, same run",
+        description="images/s of a hand-written loop, of the trainer in eager mode and compiled, on the same "
+                    "model, optimizer, batch and in-memory synthetic images (see trainer/bench_train.py)")
+    bench_train.add_argument("--model", default="efficientnet_b0")
+    bench_train.add_argument("--image-size", type=int, default=32)
+    bench_train.add_argument("--batch", type=int, default=64)
+    bench_train.add_argument("--steps", type=int, default=60, help="steps per row (default 60)")
+    bench_train.add_argument("--window", type=int, default=10, help="steps per timing window (default 10)")
+    bench_train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    bench_train.add_argument("--channels-last", action="store_true")
+    bench_train.add_argument("--compile", choices=("model", "engine"), default="model",
+                             help="the compiled row's train.compile (default model)")
+    bench_train.add_argument("--compile-mode", default="default", help="train.compile_mode (default: default)")
+    bench_train.add_argument("--modes", default="bare,eager,compiled",
+                             help="rows to run, in order (default bare,eager,compiled)")
     return parser
 
 
@@ -143,7 +178,30 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import NotebookFailed, report
+
+    try:
+        written = report(args.out, args.sweep, args.baseline, args.healthy, args.collapsed)
+    except NotebookFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for path in written:
+        if path.suffix == ".md":
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench(args) -> int:
+    if args.bench == "train":
+        from .bench_train import bench_train, print_table as print_train_table
+
+        args.modes = [m for m in args.modes.split(",") if m]
+        if not args.modes or set(args.modes) - {"bare", "eager", "compiled"}:
+            raise ConfigError(f"--modes: a comma-separated list of bare, eager, compiled (got {','.join(args.modes)})")
+        rows = bench_train(args)
+        print_train_table(rows, args)
+        return 0
     from .bench_data import bench_data, print_table
 
     rows = bench_data(args.source, workers=args.workers, images=args.images, image_size=args.image_size,
@@ -162,7 +220,7 @@ def main(argv=None) -> int:
         args.overrides += extra
     try:
         return {"train": cmd_train, "recipes": cmd_recipes, "pack": cmd_pack, "bench": cmd_bench,
-                "sweep": cmd_sweep}[args.verb](args)
+                "sweep": cmd_sweep, "report": cmd_report}[args.verb](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

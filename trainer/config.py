@@ -19,13 +19,20 @@ class ConfigError(ValueError):
     """A configuration the trainer refuses; the CLI prints it on one line and exits 2."""
 
 
+def yaml_off(value):
+    return "off" if value is False else value  # YAML reads a bare `off` (mixup.mode=off) as false
+
+
 class Section(BaseModel):
     # extra="forbid": an unknown or misspelt key is an error, never silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
 class DataConfig(Section):
-    source: Literal["digits", "imagefolder", "lmdb"] = "digits"
+    # synthetic: random uint8 images already at image_size, 1000 classes, no augmentation: for
+    # measuring the trainer and the model alone (`bench train`, launch/bench_gpu.py), not for training
+    source: Literal["digits", "imagefolder", "lmdb", "synthetic"] = "digits"
+    synthetic_images: int = Field(1024, ge=2)
     # imagefolder: the root (class folders); lmdb: the file `python -m trainer pack ROOT FILE` wrote
     path: Optional[str] = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
@@ -187,6 +194,16 @@ class TrainConfig(Section):
     # a run whose steps keep being skipped for non-finite gradients has collapsed: stop it
     max_consecutive_skips: int = Field(25, ge=1)
     zero_stage: Literal[0, 1, 2] = 0
+    # off; model: torch.compile of the model in place (nn.Module.compile: checkpoints keep their keys);
+    # engine: DeepSpeed's engine.compile() (the same in-place compile, or DeepCompile when ds_config
+    # enables it). Train and eval each compile once; recompilations are counted in the metrics.
+    compile: Literal["off", "model", "engine"] = "off"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # NHWC inputs, so activations are NHWC end to end (cuDNN's fast tensor-core kernels in fp16/bf16).
+    # The weights stay NCHW: DeepSpeed's initial broadcast views each parameter as bytes (refused for
+    # a channels_last tensor) and ZeRO 1/2 flatten them; a convolution converts its small weight itself.
+    channels_last: bool = False
+    _yaml_off = field_validator("compile", mode="before")(lambda value: yaml_off(value))
     ds_config: str = "ds_configs/base.json"
     ema_decay: float = Field(0.9999, ge=0, le=1)
     # how the EMA decay ramps up early in the run: none (flat); timm (ModelEmaV3's warmup);
@@ -233,10 +250,7 @@ class MixupConfig(Section):
     prob: float = Field(1.0, ge=0, le=1)  # timm modes: chance a batch (pair) is mixed at all; TF mixes all
     switch_prob: float = Field(0.5, ge=0, le=1)  # timm modes, both alphas > 0: chance of cutmix over mixup
 
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _yaml_off(cls, value):
-        return "off" if value is False else value  # YAML reads a bare `off` (mixup.mode=off) as false
+    _yaml_off = field_validator("mode", mode="before")(lambda value: yaml_off(value))
 
     @model_validator(mode="after")
     def _check(self):

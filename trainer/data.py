@@ -75,6 +75,23 @@ class DigitsImages(ImageSource):
         return self.images[index], int(self.labels[index])
 
 
+class SyntheticImages(ImageSource):
+    """Random uint8 images at their final size and random labels, fixed by `seed`."""
+
+    def __init__(self, count: int, size: int, seed: int, classes: int = 1000):
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+        self.labels = torch.randint(0, classes, (count,), generator=generator)
+        self.classes = [str(i) for i in range(classes)]
+        self.init_corrupt_flags()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, index: int):
+        return self.images[index], int(self.labels[index])
+
+
 class FolderImages(ImageSource):
     """An ImageFolder tree (one folder per class): torchvision's scan, our decode."""
 
@@ -111,6 +128,8 @@ class FolderImages(ImageSource):
 def open_source(cfg: DataConfig) -> ImageSource:
     if cfg.source == "digits":
         return DigitsImages()
+    if cfg.source == "synthetic":
+        return SyntheticImages(cfg.synthetic_images, cfg.image_size, cfg.split_seed)
     if cfg.source == "lmdb":
         from .lmdb_source import LmdbImages
 
@@ -239,6 +258,8 @@ class TransformedSubset(Dataset):
             index = self.indices[(i + step) % len(self.indices)]
             try:
                 image, label = self.images.encoded(index)
+                if self.transform is None:
+                    return image, label
                 with seeded(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF):
                     return self.transform(image), label
             except DECODE_ERRORS as err:
@@ -297,7 +318,7 @@ class Loaders:
 
 
 def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world_size: int) -> Loaders:
-    if cfg.source != "digits" and not cfg.path:
+    if cfg.source in ("imagefolder", "lmdb") and not cfg.path:
         example = "/data/imagenet/train" if cfg.source == "imagefolder" else "/data/imagenet-train.lmdb"
         raise ConfigError(f"data.path is not set: source={cfg.source} needs "
                           f"{'the ImageFolder root' if cfg.source == 'imagefolder' else 'the packed LMDB file'} "
@@ -306,8 +327,9 @@ def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world
     if len(images) < 2:
         raise ConfigError(f"data: {cfg.path or cfg.source} holds {len(images)} images; need at least 2")
     train_idx, val_idx = split_indices(len(images), cfg.val_fraction, cfg.split_seed)
-    train_set = TransformedSubset(images, train_idx, train_transform(cfg), seed=seed)
-    val_set = TransformedSubset(images, val_idx, eval_transform(cfg), seed=seed)
+    synthetic = cfg.source == "synthetic"  # already at size: no transform, the pipeline costs nothing
+    train_set = TransformedSubset(images, train_idx, None if synthetic else train_transform(cfg), seed=seed)
+    val_set = TransformedSubset(images, val_idx, None if synthetic else eval_transform(cfg), seed=seed)
     base = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     train_sampler = ResumableSampler(base)
     # generator: each new iterator draws its workers' base seed from it; from the global generator
@@ -326,7 +348,9 @@ _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
 
 
-def normalize(images: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> normalized floats, on the training device."""
+def normalize(images: torch.Tensor, device, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> normalized floats, on the training device (NHWC when channels_last)."""
     images = images.to(device, non_blocking=True).float()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     return ((images - _MEAN.to(device)) / _STD.to(device)).to(dtype)

@@ -153,10 +153,33 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
     guard = SkipNonFiniteStep(optimizer) if cfg.precision == "fp32" and cfg.zero_stage == 0 else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=guard or optimizer, config=ds_config)
     forget_initialize_step(engine, optimizer)
+    if engine.dp_world_size == 1 and cfg.zero_stage == 0:
+        # one process: DeepSpeed would still flatten, all-reduce (with itself) and copy back every gradient
+        engine.enable_backward_allreduce = False
     return engine, guard
 
 
-class TFDecayEma(ModelEmaV3):
+class Ema(ModelEmaV3):
+    """timm's ModelEmaV3 (weights and buffers), with the tensor pairs listed once: timm walks both
+    state_dicts at every update, a cost on the order of a few percent of a small model's CPU step.
+    The lists hold the tensors themselves (keep_vars), which DeepSpeed and loading update in place."""
+
+    _pairs = None
+
+    def apply_update_(self, model, decay: float):
+        if self._pairs is None or self._pairs[0] is not model:
+            both = list(zip(self.module.state_dict(keep_vars=True).values(),
+                            model.state_dict(keep_vars=True).values()))
+            floats = [(e, m) for e, m in both if e.is_floating_point()]
+            self._pairs = (model, [e for e, _ in floats], [m for _, m in floats],
+                           [(e, m) for e, m in both if not e.is_floating_point()])
+        _, ema_floats, model_floats, others = self._pairs
+        self._foreach_lerp_(ema_floats, model_floats, weight=1.0 - decay)
+        for ema_v, model_v in others:  # BN's num_batches_tracked
+            ema_v.copy_(model_v)
+
+
+class TFDecayEma(Ema):
     """TF's ExponentialMovingAverage(decay, num_updates): the decay is min(decay, (1 + n) / (10 + n)),
     a ramp timm's warmup formula does not reproduce."""
 
@@ -169,7 +192,7 @@ def build_ema(model: nn.Module, cfg: TrainConfig, device) -> ModelEmaV3:
 
     Built before DeepSpeed wraps (and, in fp16, casts) the model, so it never shares
     tensors with the engine and never holds reduced-precision weights."""
-    ema_class = TFDecayEma if cfg.ema_warmup == "tf" else ModelEmaV3
+    ema_class = TFDecayEma if cfg.ema_warmup == "tf" else Ema
     ema = ema_class(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup == "timm",
                      device=device, dtype=torch.float32, exclude_buffers=False)
     ema.module.requires_grad_(False)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import checkpoint, health, precision
 from .config import Config, ConfigError, save_config
 from .data import build_loaders, normalize
+from .compiled import EmaEvalCompile, RecompileWatch, compile_engine, compile_model
 from .engine import build_ds_config, build_ema, build_engine, init_distributed
 from .loss import build_loss
 from .mixup import build_batch_augment
@@ -47,16 +48,20 @@ class TrainState:
     loss_window_count: int = 0
     last_eval: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
+    first_step_s: float | None = None  # not checkpointed: each session's first step compiles again
+
+    def checkpointed(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "first_step_s"}
 
 
 class Collapsed(Exception):
     """The run cannot go on: its steps are all being skipped, or its weights are non-finite."""
 
 
-def prepare_batch(images, targets, device, input_dtype, batch_aug=None, position=(0, 0)):
+def prepare_batch(images, targets, device, input_dtype, batch_aug=None, position=(0, 0), channels_last=False):
     """uint8 images -> normalized model inputs. Erasing and mixup work on the normalized fp32
     batch, keyed by (epoch, micro batch in epoch) so a replay or a resume draws the same numbers."""
-    inputs = normalize(images, device)
+    inputs = normalize(images, device, channels_last=channels_last)
     targets = targets.to(device)
     if batch_aug is not None:  # random erasing, then mixup/cutmix (targets become probabilities)
         inputs, targets = batch_aug(inputs, targets, *position)
@@ -80,7 +85,7 @@ def train_step(engine, inputs, targets, criterion, l2_penalty=None) -> torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device, input_dtype, desc: str, show: bool) -> dict:
+def evaluate(model: nn.Module, loader, device, input_dtype, desc: str, show: bool, channels_last=False) -> dict:
     """top-1/top-5 over this rank's shard, summed over ranks: every val image counts once.
     The model's train/eval mode is restored, so evaluating one model never changes another."""
     was_training = model.training
@@ -88,7 +93,7 @@ def evaluate(model: nn.Module, loader, device, input_dtype, desc: str, show: boo
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
         targets = targets.to(device)
-        logits = model(normalize(images, device, input_dtype)).float()
+        logits = model(normalize(images, device, input_dtype, channels_last)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(targets[:, None])
         totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
@@ -102,10 +107,11 @@ def evaluate(model: nn.Module, loader, device, input_dtype, desc: str, show: boo
             "images": int(count)}
 
 
-def evaluate_both(engine, ema, loader, input_dtype, show: bool) -> dict:
-    model = evaluate(engine, loader, engine.device, input_dtype, "eval model", show)
-    averaged = evaluate(ema.module, loader, engine.device, torch.float32, "eval EMA", show)
-    return {"top1": model["top1"], "top5": model["top5"], "val_loss": model["loss"],
+def evaluate_both(engine, ema, loader, input_dtype, show: bool, channels_last=False) -> dict:
+    model = evaluate(engine, loader, engine.device, input_dtype, "eval model", show, channels_last)
+    started = time.time()
+    averaged = evaluate(ema.module, loader, engine.device, torch.float32, "eval EMA", show, channels_last)
+    return {"ema_eval_seconds": time.time() - started, "top1": model["top1"], "top5": model["top5"], "val_loss": model["loss"],
             "ema_top1": averaged["top1"], "ema_top5": averaged["top5"], "ema_val_loss": averaged["loss"],
             "val_images": model["images"]}
 
@@ -181,7 +187,9 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
     ema = build_ema(model, t, device)  # a separate fp32 copy, before DeepSpeed casts or wraps the model
     schedule = LRSchedule(cfg.schedule, peak_lr(cfg.optim, global_batch), schedule_epoch, total_steps)
     optimizer = build_optimizer(cfg.optim, model, lr=schedule(0))
+    compile_model(model, t)
     engine, guard = build_engine(model, optimizer, ds_config, t)
+    compile_engine(engine, t)
     l2_penalty = build_l2_penalty(cfg.optim, engine.module)  # after the engine: the tensors it trains
     input_dtype = next(engine.module.parameters()).dtype  # half when DeepSpeed's fp16 casts the model
     criterion = build_loss(cfg.loss)
@@ -207,7 +215,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
             raise Collapsed("the weights are non-finite; the last good checkpoint is kept")
         state.skipped_steps = monitor.skipped_steps
         state.loss_window_sum, state.loss_window_count = float(loss_sum), loss_count  # a device sync
-        client = {"trainer": asdict(state), "ema": ema.state_dict(), "rng": checkpoint.rng_states(),
+        client = {"trainer": state.checkpointed(), "ema": ema.state_dict(), "rng": checkpoint.rng_states(),
                   "config": cfg.to_dict()}
         best = {"metric": t.keep_best, "value": state.best[t.keep_best]} if new_best else None
         checkpoint.save(engine, ckpt_dir, state.step, client, t.keep_checkpoints, dist.is_main, best=best)
@@ -219,12 +227,18 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                 "epochs": state.step / steps_per_epoch, "images_seen": state.images_seen,
                 "images_per_s": state.images_seen / max(state.train_seconds, 1e-9),
                 "wall_time_s": time.time() - started, "final": state.last_eval, "best": state.best,
+                "first_step_s": state.first_step_s, "compiled_graphs": compiles.graphs(),
+                "recompiles": compiles.recompiles(),
                 **{k: state.last_eval.get(k) for k in METRIC_NAMES},
                 **{f"best_{k}": state.best.get(k) for k in METRIC_NAMES}}
 
     def run_eval() -> bool:
         """Evaluate and log; True when train.keep_best's metric reached a new best."""
-        result = evaluate_both(engine, ema, loaders.val, input_dtype, show=dist.is_main)
+        result = evaluate_both(engine, ema, loaders.val, input_dtype, dist.is_main, t.channels_last)
+        evals_left = math.ceil((total_steps - state.step) / eval_every)
+        compiled_ema = ema_eval.consider(ema.module, result.pop("ema_eval_seconds"), evals_left,
+                                         state.first_step_s or 0.0)
+        compiles.after_eval(new_graphs_expected=compiled_ema)
         state.last_eval = {"step": state.step, "epoch": state.step / steps_per_epoch, **result}
         new_best = t.keep_best != "none" and result[t.keep_best] > state.best.get(t.keep_best, -1.0)
         for key in METRIC_NAMES:
@@ -246,6 +260,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
               f"ZeRO {t.zero_stage} on {device}", flush=True)
 
     # -- train
+    compiles, ema_eval = RecompileWatch(t.compile != "off"), EmaEvalCompile(t)
     started = time.time()
     stop = StopRequest(dist.cpu_group)
     status = "failed"
@@ -259,7 +274,8 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
             for images, targets in islice(loaders.train, steps_per_epoch * t.grad_accum - state.batches_in_epoch):
                 set_lr(optimizer, schedule(state.step))
                 position = (state.epoch, state.batches_in_epoch)
-                inputs, soft_targets = prepare_batch(images, targets, device, input_dtype, batch_aug, position)
+                inputs, soft_targets = prepare_batch(images, targets, device, input_dtype, batch_aug, position,
+                                                     t.channels_last)
                 scale = precision.loss_scale(engine)  # the scale this step's gradients are computed with
                 loss = train_step(engine, inputs, soft_targets, criterion, l2_penalty)
                 loss_sum += loss
@@ -278,6 +294,9 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                     raise Collapsed(collapse)
                 state.images_seen += global_batch
                 window_images += global_batch
+                if state.first_step_s is None:  # this session's first step: it includes compiling
+                    state.first_step_s = time.time() - window_start
+                compiles.after_step()
                 bar.update(1)
                 if state.step == stop_at_step:
                     stop.signal = f"--stop-at-step {stop_at_step}"
@@ -292,7 +311,10 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                            "grad_norm": None if outcome.grad_norm is None else float(outcome.grad_norm),
                            "loss_scale": precision.loss_scale(engine), "overflow": not outcome.applied,
                            "skipped_steps": monitor.skipped_steps,
-                           "corrupt_images": loaders.corrupt_images()}  # this rank's, replaced and reported
+                           "corrupt_images": loaders.corrupt_images(),  # this rank's, replaced and reported
+                           **({"compiled_graphs": compiles.graphs(), "recompiles": compiles.recompiles()}
+                              if compiles.enabled else {})}
+                    compiles.check(state.step)
                     tracker.log(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}",
                                     img_s=f"{row['images_per_s']:.0f}", epoch=f"{row['epoch']:.2f}")

@@ -16,10 +16,20 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# settings a resumed run may change: where it logs, and how it executes (not what it computes)
+MAY_CHANGE_ON_RESUME = {"wandb": None, "train": ("compile", "compile_mode", "channels_last")}
+
+
+def _comparable(config: dict) -> dict:
+    kept = {k: v for k, v in config.items() if k not in MAY_CHANGE_ON_RESUME or MAY_CHANGE_ON_RESUME[k]}
+    for section, keys in MAY_CHANGE_ON_RESUME.items():
+        if keys and isinstance(kept.get(section), dict):
+            kept[section] = {k: v for k, v in kept[section].items() if k not in keys}
+    return kept
+
+
 def _same_run(saved: dict, cfg: Config) -> bool:
-    # the wandb section may change on resume (going online, say); nothing else may
-    current = cfg.to_dict()
-    return {k: v for k, v in saved.items() if k != "wandb"} == {k: v for k, v in current.items() if k != "wandb"}
+    return _comparable(saved) == _comparable(cfg.to_dict())
 
 
 def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
