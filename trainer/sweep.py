@@ -108,6 +108,8 @@ def run_sweep(runs: list[SweepRun]) -> int:
             with open(run.run_dir.parent / f"{run.run_dir.name}.log", "a") as log:
                 child[:] = [subprocess.Popen([sys.executable, "-m", "trainer", "train", *run.train_args()],
                                              stdout=log, stderr=subprocess.STDOUT)]
+                if stopping:  # the signal came while this run was starting
+                    child[0].send_signal(signal.SIGTERM)
                 code = child[0].wait()
             status = run.status()
             print(f"{head}: {status or 'no summary'} (exit {code}){describe(run)}", flush=True)
