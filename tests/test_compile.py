@@ -119,3 +119,17 @@ def test_steps_between_logging_steps_read_no_tensor_values():
         assert out.returncode == 0, out.stderr[-3000:]
         reads.append(json.loads(out.stdout.strip().splitlines()[-1])["n"])
     assert reads[0] == reads[1] and reads[0] > 0
+
+
+def test_ema_is_compiled_for_eval_only_once_the_evals_to_come_cost_more_than_compiling():
+    from trainer.compiled import EmaEvalCompile
+    from trainer.config import TrainConfig
+
+    module = torch.nn.Linear(2, 2)
+    assert not EmaEvalCompile(TrainConfig(compile="off")).consider(module, 10.0, 100, 1.0)  # never without compile
+    policy = EmaEvalCompile(TrainConfig(compile="model"))
+    assert not policy.consider(module, eval_seconds=2.0, evals_left=40, compile_seconds=90.0)  # 80 s < 90 s
+    assert not hasattr(module, "_compiled_call_impl") or module._compiled_call_impl is None
+    assert policy.consider(module, eval_seconds=2.0, evals_left=50, compile_seconds=90.0)  # 100 s > 90 s
+    assert module._compiled_call_impl is not None  # nn.Module.compile, in place
+    assert not policy.consider(module, eval_seconds=2.0, evals_left=50, compile_seconds=90.0)  # once
