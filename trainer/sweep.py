@@ -3,6 +3,7 @@ or as commands for a cluster (`--plan`). Every run goes in one W&B group, tagged
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -107,7 +108,7 @@ def run_sweep(runs: list[SweepRun]) -> int:
             run.run_dir.parent.mkdir(parents=True, exist_ok=True)
             with open(run.run_dir.parent / f"{run.run_dir.name}.log", "a") as log:
                 child[:] = [subprocess.Popen([sys.executable, "-m", "trainer", "train", *run.train_args()],
-                                             stdout=log, stderr=subprocess.STDOUT)]
+                                             stdout=log, stderr=subprocess.STDOUT, env=single_process_env())]
                 if stopping:  # the signal came while this run was starting
                     child[0].send_signal(signal.SIGTERM)
                 code = child[0].wait()
@@ -126,6 +127,14 @@ def run_sweep(runs: list[SweepRun]) -> int:
               f"(logs beside their run directories)", file=sys.stderr)
         return 1
     return 0
+
+
+def single_process_env() -> dict[str, str]:
+    """This environment without a process group's variables: each run here is one process of its
+    own (inherited from a launcher, or from a test that made a group, they would make the run join
+    that group's rendezvous, on a port already taken)."""
+    group = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {name: value for name, value in os.environ.items() if name not in group}
 
 
 def describe(run: SweepRun) -> str:
