@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, ModelConfig, load_config
-from .data import SyntheticImages, normalize
+from .data import normalize, synthetic_images
 from .model import build_model
 from .track import read_metrics, read_summary
 
@@ -74,7 +74,7 @@ def run_bare(args, device) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=args.model, drop_rate=0, drop_path_rate=0), num_classes=1000).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    data = SyntheticImages(args.batch * 8, args.image_size, seed=0)
+    data = synthetic_images(args.batch * 8, args.image_size, seed=0)
     batches = [(data.images[i:i + args.batch], data.labels[i:i + args.batch]) for i in range(0, len(data), args.batch)]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")

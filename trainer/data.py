@@ -62,10 +62,11 @@ class ImageSource(Dataset):
                   f"(replaced by the next sample; reported once)", file=sys.stderr, flush=True)
 
 
-class DigitsImages(ImageSource):
-    def __init__(self):
-        self.images, self.labels = load_digits_images()
-        self.classes = [str(i) for i in range(10)]
+class TensorImages(ImageSource):
+    """Images held in memory as one uint8 tensor (N, 3, H, W), with their labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]):
+        self.images, self.labels, self.classes = images, labels, classes
         self.init_corrupt_flags()
 
     def __len__(self):
@@ -75,21 +76,16 @@ class DigitsImages(ImageSource):
         return self.images[index], int(self.labels[index])
 
 
-class SyntheticImages(ImageSource):
+def digits_images() -> TensorImages:
+    return TensorImages(*load_digits_images(), classes=[str(i) for i in range(10)])
+
+
+def synthetic_images(count: int, size: int, seed: int, classes: int = 1000) -> TensorImages:
     """Random uint8 images at their final size and random labels, fixed by `seed`."""
-
-    def __init__(self, count: int, size: int, seed: int, classes: int = 1000):
-        generator = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
-        self.labels = torch.randint(0, classes, (count,), generator=generator)
-        self.classes = [str(i) for i in range(classes)]
-        self.init_corrupt_flags()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, index: int):
-        return self.images[index], int(self.labels[index])
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, classes, (count,), generator=generator)
+    return TensorImages(images, labels, classes=[str(i) for i in range(classes)])
 
 
 class FolderImages(ImageSource):
@@ -127,9 +123,9 @@ class FolderImages(ImageSource):
 
 def open_source(cfg: DataConfig) -> ImageSource:
     if cfg.source == "digits":
-        return DigitsImages()
+        return digits_images()
     if cfg.source == "synthetic":
-        return SyntheticImages(cfg.synthetic_images, cfg.image_size, cfg.split_seed)
+        return synthetic_images(cfg.synthetic_images, cfg.image_size, cfg.split_seed)
     if cfg.source == "lmdb":
         from .lmdb_source import LmdbImages
 
