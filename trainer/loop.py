@@ -48,10 +48,6 @@ class TrainState:
     loss_window_count: int = 0
     last_eval: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
-    first_step_s: float | None = None  # not checkpointed: each session's first step compiles again
-
-    def checkpointed(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "first_step_s"}
 
 
 class Collapsed(Exception):
@@ -215,7 +211,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
             raise Collapsed("the weights are non-finite; the last good checkpoint is kept")
         state.skipped_steps = monitor.skipped_steps
         state.loss_window_sum, state.loss_window_count = float(loss_sum), loss_count  # a device sync
-        client = {"trainer": state.checkpointed(), "ema": ema.state_dict(), "rng": checkpoint.rng_states(),
+        client = {"trainer": asdict(state), "ema": ema.state_dict(), "rng": checkpoint.rng_states(),
                   "config": cfg.to_dict()}
         best = {"metric": t.keep_best, "value": state.best[t.keep_best]} if new_best else None
         checkpoint.save(engine, ckpt_dir, state.step, client, t.keep_checkpoints, dist.is_main, best=best)
@@ -227,7 +223,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                 "epochs": state.step / steps_per_epoch, "images_seen": state.images_seen,
                 "images_per_s": state.images_seen / max(state.train_seconds, 1e-9),
                 "wall_time_s": time.time() - started, "final": state.last_eval, "best": state.best,
-                "first_step_s": state.first_step_s, "compiled_graphs": compiles.graphs(),
+                "first_step_s": first_step_s, "compiled_graphs": compiles.graphs(),
                 "recompiles": compiles.recompiles(),
                 **{k: state.last_eval.get(k) for k in METRIC_NAMES},
                 **{f"best_{k}": state.best.get(k) for k in METRIC_NAMES}}
@@ -237,7 +233,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
         result = evaluate_both(engine, ema, loaders.val, input_dtype, dist.is_main, t.channels_last)
         evals_left = math.ceil((total_steps - state.step) / eval_every)
         compiled_ema = ema_eval.consider(ema.module, result.pop("ema_eval_seconds"), evals_left,
-                                         state.first_step_s or 0.0)
+                                         first_step_s or 0.0)
         compiles.after_eval(new_graphs_expected=compiled_ema)
         state.last_eval = {"step": state.step, "epoch": state.step / steps_per_epoch, **result}
         new_best = t.keep_best != "none" and result[t.keep_best] > state.best.get(t.keep_best, -1.0)
@@ -261,6 +257,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
 
     # -- train
     compiles, ema_eval = RecompileWatch(t.compile != "off"), EmaEvalCompile(t)
+    first_step_s = None  # wall time of this session's first step, compiling included
     started = time.time()
     stop = StopRequest(dist.cpu_group)
     status = "failed"
@@ -294,8 +291,8 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                     raise Collapsed(collapse)
                 state.images_seen += global_batch
                 window_images += global_batch
-                if state.first_step_s is None:  # this session's first step: it includes compiling
-                    state.first_step_s = time.time() - window_start
+                if first_step_s is None:  # this session's first step: it includes compiling
+                    first_step_s = time.time() - window_start
                 compiles.after_step()
                 bar.update(1)
                 if state.step == stop_at_step:
