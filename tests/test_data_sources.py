@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import REPO, TINY, read_jsonl, run_cli
 from trainer.config import ConfigError, DataConfig
-from trainer.data import FolderImages, build_loaders, eval_transform, seeded
+from trainer.data import FolderImages, build_loaders, eval_transform, normalize, seeded
 from trainer.decode import DecodeRandomResizedCrop, DecodeResize, EncodedImage, draft_scale_for
 from trainer.lmdb_source import LmdbImages, pack
 
@@ -184,6 +184,43 @@ def test_draft_decode_keeps_the_crop_distribution_and_the_pixels(tmp_path):
         assert (out_draft.float() - out_full.float()).abs().mean() < 3
 
 
+def test_tf_fast_idct_is_the_default_and_stays_close_to_pils(tmp_path):
+    assert DataConfig().jpeg_dct == "fast"  # TF's decode_jpeg default (JDCT_IFAST), so the recipe's pixels
+    crop = dict(size=96, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC,
+                antialias=True, draft=False)
+    fast, accurate = DecodeRandomResizedCrop(**crop, fast_dct=True), DecodeRandomResizedCrop(**crop, fast_dct=False)
+    diffs = []
+    for k in range(4):
+        buf = io.BytesIO()
+        smooth_image(320, 240, seed=k).save(buf, format="JPEG", quality=90)
+        image = EncodedImage(buf.getvalue(), f"{k}.jpg")
+        for seed in range(4):
+            with seeded(seed):
+                out_fast, box_fast = fast.crop_encoded(image)
+            with seeded(seed):
+                out_accurate, box_accurate = accurate.crop_encoded(image)
+            assert box_fast == box_accurate
+            diffs.append((out_fast.float() - out_accurate.float()).abs())
+    assert 0 < np.mean([d.mean().item() for d in diffs]) < 1  # another IDCT, within rounding of the image
+    assert max(d.max().item() for d in diffs) <= 8
+
+
+def test_batches_cross_in_channels_last_memory_and_normalize_to_either_layout(tmp_path):
+    tree = image_tree(tmp_path / "tree", per_class=6, size=(64, 48))
+    cfg = DataConfig(source="imagefolder", path=str(tree), image_size=32, val_fraction=0.5, num_workers=1)
+    loaders = build_loaders(cfg, micro_batch=4, seed=0, rank=0, world_size=1)
+    loaders.start_epoch(0)
+    images, labels = next(iter(loaders.train))  # from a worker process
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    dataset, order = loaders.train.dataset, list(loaders.train_sampler)[:4]
+    assert torch.equal(images, torch.stack([dataset[i][0] for i in order]))  # the same samples, any layout
+    assert labels.tolist() == [dataset[i][1] for i in order]
+    planar, nhwc = normalize(images, "cpu"), normalize(images, "cpu", channels_last=True)
+    assert planar.is_contiguous() and nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(planar, nhwc) and torch.equal(planar, normalize(images.contiguous(), "cpu"))
+
+
 # -- corrupt files: reported once each, replaced, counted; the epoch goes on
 
 def corrupt_tree(root):
@@ -240,11 +277,12 @@ def test_bench_data_prints_the_baseline_and_ours(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert any(line.startswith("torchvision ImageFolder, full decode") and line.endswith("1.00x") for line in lines)
-    assert any(line.startswith("trainer imagefolder, draft decode") and line.endswith("x") for line in lines)
+    assert any(line.startswith("trainer imagefolder, jpeg_draft=true jpeg_dct=fast") and line.endswith("x")
+               for line in lines)
 
     from trainer.bench_data import bench_data
 
     rows = bench_data(str(packed(tmp_path, tree)), workers=0, images=8, image_size=32, repeats=1)
     assert [r["loader"].split(",")[0] for r in rows] == ["PIL full decode of the LMDB bytes + torchvision transforms",
-                                                          "trainer lmdb", "trainer lmdb"]
+                                                          "trainer lmdb", "trainer lmdb", "trainer lmdb"]
     assert all(r["images_per_s"] > 0 for r in rows)

@@ -7,8 +7,10 @@ Each row loads the same images (a fixed random subset) through a DataLoader with
 of workers and batch size, and reports images/s over the whole pass, worker start-up included, and
 per worker. The baseline is torchvision's ImageFolder (PIL full decode, `convert("RGB")`) with the
 timm-style training transforms at the same size: RandomResizedCrop (same scale, ratio and filter)
-and a horizontal flip, to a uint8 tensor. For an LMDB source the baseline decodes the same bytes
-fully with PIL and runs the same torchvision transforms. Rows run alternately, `repeats` times;
+and a horizontal flip, to a uint8 tensor (what timm's train.py hands its GPU prefetcher, with the
+default collate). For an LMDB source the baseline decodes the same bytes fully with PIL and runs the
+same torchvision transforms. Our rows are the trainer's own loader (decoding crop, channels-last
+collate): full decode, reduced-size decode, then TF's fast IDCT. Rows run alternately, `repeats` times;
 the best pass of each is reported (a shared machine only ever slows a pass down).
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import ConfigError, DataConfig
-from .data import TransformedSubset, open_source, train_transform
+from .data import TransformedSubset, collate_channels_last, open_source, train_transform
 
 
 class FullDecode(Dataset):
@@ -39,8 +41,8 @@ class FullDecode(Dataset):
         return self.transform(image), label
 
 
-def images_per_s(dataset, workers: int, batch: int) -> float:
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False)
+def images_per_s(dataset, workers: int, batch: int, collate_fn=None) -> float:
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False, collate_fn=collate_fn)
     start, count = time.perf_counter(), 0
     for images, _ in loader:
         count += len(images)
@@ -66,14 +68,16 @@ def bench_data(source: str, workers: int = 1, images: int = 2000, image_size: in
         baseline = ("torchvision ImageFolder, full decode", Subset(ImageFolder(str(path), transform=reference), picked))
     else:
         baseline = ("PIL full decode of the LMDB bytes + torchvision transforms", Subset(FullDecode(ours, reference), picked))
-    rows = [baseline,
-            (f"trainer {kind}, full decode (jpeg_draft=false)",
-             TransformedSubset(ours, picked, train_transform(cfg.model_copy(update={"jpeg_draft": False})), seed)),
-            (f"trainer {kind}, draft decode (jpeg_draft=true)", TransformedSubset(ours, picked, train_transform(cfg), seed))]
-    best = {name: 0.0 for name, _ in rows}
+    # ours: the full decode, then the reduced-size decode, with PIL's IDCT, then with TF's (the default)
+    rows = [(*baseline, None)]
+    for draft, dct in ((False, "accurate"), (True, "accurate"), (True, "fast")):
+        transform = train_transform(cfg.model_copy(update={"jpeg_draft": draft, "jpeg_dct": dct}))
+        rows.append((f"trainer {kind}, jpeg_draft={str(draft).lower()} jpeg_dct={dct}",
+                     TransformedSubset(ours, picked, transform, seed), collate_channels_last))
+    best = {name: 0.0 for name, _, _ in rows}
     for _ in range(repeats):
-        for name, dataset in rows:
-            best[name] = max(best[name], images_per_s(dataset, workers, batch))
+        for name, dataset, collate in rows:
+            best[name] = max(best[name], images_per_s(dataset, workers, batch, collate))
     base = best[rows[0][0]]
     return [{"loader": name, "images": len(picked), "images_per_s": rate, "per_worker": rate / max(workers, 1), "ratio": rate / base}
             for name, rate in best.items()]

@@ -42,6 +42,9 @@ class DataConfig(Section):
     # decode a large JPEG at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling) when the random crop (the eval
     # resize) still gets at least its output resolution from it; the crop box is drawn on the full size
     jpeg_draft: bool = True
+    # libjpeg's inverse DCT: "fast" (JDCT_IFAST) is TF decode_jpeg's default, so the TF recipe's pixels;
+    # "accurate" (JDCT_ISLOW) is PIL's, within 4/255 of it and 5% slower to decode
+    jpeg_dct: Literal["fast", "accurate"] = "fast"
     # -- train augmentation, in this order: [AA], random-resized-crop, flip, [AA], color jitter;
     #    random erasing runs later, on the normalized batch (see trainer/mixup.py)
     # random-resized-crop area fraction and aspect ratio; TF: area (0.08, 1), aspect (3/4, 4/3)

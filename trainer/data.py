@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from .config import ConfigError, DataConfig
 from .decode import DECODE_ERRORS, Decode, DecodeRandomResizedCrop, DecodeResize, EncodedImage, decoded_rgb
@@ -167,7 +167,7 @@ def build_auto_augment(policy: str, image_size: int, translate_pct: float, inter
 
 
 def train_transform(cfg: DataConfig) -> T.Compose:
-    """[AA], random-resized-crop, flip, [AA], color jitter; uint8 out. Random erasing is not here: it
+    """[AA], random-resized-crop, flip, [AA], color jitter; a uint8 tensor out. Random erasing is not here: it
     works on normalized floats, so it runs on the batch in the training process (trainer/mixup.py)."""
     interpolation = T.InterpolationMode(cfg.interpolation)
     aa = []
@@ -179,7 +179,8 @@ def train_transform(cfg: DataConfig) -> T.Compose:
     steps = [Decode(), *aa] if cfg.aa_order == "before_crop" else []
     # torchvision falls back to a center crop of the whole image after 10 failed tries; TF to its eval crop
     steps.append(DecodeRandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
-                                         interpolation=interpolation, antialias=True, draft=cfg.jpeg_draft))
+                                         interpolation=interpolation, antialias=True, draft=cfg.jpeg_draft,
+                                         fast_dct=cfg.jpeg_dct == "fast"))
     if cfg.hflip > 0:
         steps.append(T.RandomHorizontalFlip(cfg.hflip))  # drawn per sample: flips with probability hflip
     if cfg.aa_order == "after_crop":
@@ -188,7 +189,9 @@ def train_transform(cfg: DataConfig) -> T.Compose:
         # timm's color_jitter=x: brightness, contrast and saturation x, no hue
         steps.append(T.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter,
                                    saturation=cfg.color_jitter))
-    return T.Compose([*steps, T.ToImage(), T.ToDtype(torch.uint8)])
+    if aa:
+        steps.append(T.PILToTensor())  # timm's AA ops hand back PIL images; tensors pass through
+    return T.Compose(steps)
 
 
 def build_random_erasing(cfg: DataConfig):
@@ -206,8 +209,9 @@ def eval_transform(cfg: DataConfig) -> T.Compose:
     """Resize the short side to image_size / crop_pct, then center crop (no squashing)."""
     resize = math.floor(cfg.image_size / cfg.crop_pct)
     interpolation = T.InterpolationMode(cfg.interpolation)
-    return T.Compose([DecodeResize(resize, interpolation=interpolation, antialias=True, draft=cfg.jpeg_draft),
-                      T.CenterCrop(cfg.image_size), T.ToImage(), T.ToDtype(torch.uint8)])
+    return T.Compose([DecodeResize(resize, interpolation=interpolation, antialias=True, draft=cfg.jpeg_draft,
+                                   fast_dct=cfg.jpeg_dct == "fast"),
+                      T.CenterCrop(cfg.image_size)])
 
 
 @contextmanager
@@ -261,6 +265,16 @@ class TransformedSubset(Dataset):
             except DECODE_ERRORS as err:
                 self.images.report_corrupt(index, err)
         raise RuntimeError(f"none of the {len(self.indices)} images of this split decodes")
+
+
+def collate_channels_last(batch):
+    """default_collate with the images stacked in channels-last memory, shape still (N, 3, H, W).
+
+    The decoding transforms hand back channels-last crops; stacking them as they lie is a plain
+    copy, where default_collate's planar stack transposes each one (a third of the worker's
+    stacking time, shared memory included). `normalize` gives the model the layout it wants."""
+    images, labels = default_collate([(image.permute(1, 2, 0), label) for image, label in batch])
+    return images.permute(0, 3, 1, 2), labels
 
 
 class ResumableSampler(Sampler):
@@ -330,7 +344,7 @@ def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world
     train_sampler = ResumableSampler(base)
     # generator: each new iterator draws its workers' base seed from it; from the global generator
     # that draw would shift the model's dropout numbers, so a resumed run would not redraw them exactly
-    common = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+    common = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_channels_last,
                   persistent_workers=False, generator=torch.Generator().manual_seed(seed))
     return Loaders(
         train=DataLoader(train_set, batch_size=micro_batch, sampler=train_sampler, drop_last=True, **common),
@@ -345,8 +359,8 @@ _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
 
 
 def normalize(images: torch.Tensor, device, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> normalized floats, on the training device (NHWC when channels_last)."""
+    """uint8 (N, 3, H, W), in either memory layout -> normalized floats on the training device,
+    NHWC in memory when channels_last, else NCHW."""
     images = images.to(device, non_blocking=True).float()
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return ((images - _MEAN.to(device)) / _STD.to(device)).to(dtype)
