@@ -203,6 +203,44 @@ def test_auto_augment_policies_load_and_run(policy):
         assert train_transform(cfg.data)(digit).shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("policy", ["v0", "original", "rand-m9-mstd0.5", "rand-m10-mstd1-inc1"])
+def test_every_auto_augment_op_runs_at_every_draw(policy):
+    """Each op forced on, many draws: TF's v0 asks Posterize for 0 bits, which Pillow 13 refuses."""
+    from trainer.data import build_auto_augment
+
+    aa = build_auto_augment(policy, image_size=32, translate_pct=0.45, interpolation="bicubic")
+    ops = aa.ops if hasattr(aa, "ops") else [op for sub_policy in aa.policy for op in sub_policy]
+    for op in ops:
+        op.prob = 1.0
+    img = noise_image(32, 32)
+    for draw in range(200):
+        with seeded(draw):
+            assert aa(img).size == (32, 32)
+    if policy == "v0":  # TF's ('Posterize', 0.8, 2) keeps int(2 / 10 * 4) = 0 bits: a black image, as in TF
+        zero_bits = next(op for op in ops if op.name == "Posterize" and op.magnitude == 2)
+        assert not np.asarray(zero_bits(img)).any()
+
+
+def test_a_failing_augmentation_stops_the_loader_and_is_not_counted_as_a_corrupt_image(tmp_path):
+    def broken(image):
+        raise ValueError("an augmentation bug")
+
+    images = FolderImages(str(image_tree(tmp_path / "tree", per_class=3)))
+    with pytest.raises(ValueError, match="an augmentation bug"):
+        TransformedSubset(images, list(range(6)), broken, seed=0)[0]
+    assert images.corrupt.sum() == 0
+
+
+def test_a_file_gone_after_the_scan_is_replaced_and_counted(tmp_path, capfd):
+    tree = image_tree(tmp_path / "tree", per_class=3)
+    images = FolderImages(str(tree))
+    (tree / "class0" / "0.png").unlink()
+    subset = TransformedSubset(images, list(range(6)), eval_transform(DataConfig(image_size=16)), seed=0)
+    assert [subset[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(subset[0][0], subset[1][0])  # sample 0 replaced by the next one
+    assert images.corrupt.sum() == 1 and str(tree / "class0" / "0.png") in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("order", ["after_crop", "before_crop"])
 def test_auto_augment_runs_before_or_after_the_crop_as_configured(order):
     from timm.data.auto_augment import AutoAugment

@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from .config import ConfigError, DataConfig
-from .decode import DECODE_ERRORS, Decode, DecodeRandomResizedCrop, DecodeResize, EncodedImage, decoded_rgb
+from .decode import CorruptImage, Decode, DecodeRandomResizedCrop, DecodeResize, EncodedImage, decoded_rgb
 
 
 def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +56,10 @@ class ImageSource(Dataset):
     def name(self, index: int) -> str:
         return f"image {index}"
 
-    def report_corrupt(self, index: int, err: Exception):
+    def report_corrupt(self, index: int, err: CorruptImage):
         if not self.corrupt[index]:
             self.corrupt[index] = 1
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            print(f"warning: skipping corrupt or unreadable image {self.name(index)}: {reason} "
+            print(f"warning: skipping corrupt or unreadable image {self.name(index)}: {err} "
                   f"(replaced by the next sample; reported once)", file=sys.stderr, flush=True)
 
 
@@ -113,8 +114,11 @@ class FolderImages(ImageSource):
 
     def encoded(self, index: int):
         path, label = self.samples[index]
-        with open(path, "rb") as f:
-            return EncodedImage(f.read(), path), label
+        try:
+            with open(path, "rb") as f:
+                return EncodedImage(f.read(), path), label
+        except OSError as err:  # gone, or no permission: replaced and counted like a corrupt file
+            raise CorruptImage(err.strerror or str(err)) from err
 
     def load(self, index: int):
         image, label = self.encoded(index)
@@ -158,12 +162,28 @@ def build_auto_augment(policy: str, image_size: int, translate_pct: float, inter
                    interpolation=str_to_pil_interp(interpolation))
     try:
         if name == "rand":
-            return rand_augment_transform(policy, hparams)
-        return auto_augment_transform(policy, hparams)
+            transform = rand_augment_transform(policy, hparams)
+            ops = transform.ops
+        else:
+            transform = auto_augment_transform(policy, hparams)
+            ops = [op for sub_policy in transform.policy for op in sub_policy]
     except (AssertionError, ValueError, KeyError) as err:  # timm asserts on unknown names and sections
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"auto_augment {policy!r} does not parse ({reason}); want a timm policy such as "
                          f"'original', 'v0', 'v0r-mstd0.5' or 'rand-m9-mstd0.5'") from None
+    for op in ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize_keeping_zero_bits
+    return transform
+
+
+def posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, except at 0 bits: TF's v0 policy asks for 0 (its ('Posterize', 0.8, 2)
+    keeps int(2 / 10 * 4) bits), as do RandAugment's top magnitudes. TF and older Pillow give a
+    black image; Pillow 13 raises ValueError, which stopped every image that drew that op."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_posterize(img, bits_to_keep)
 
 
 def train_transform(cfg: DataConfig) -> T.Compose:
@@ -262,7 +282,7 @@ class TransformedSubset(Dataset):
                     return image, label
                 with seeded(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF):
                     return self.transform(image), label
-            except DECODE_ERRORS as err:
+            except CorruptImage as err:
                 self.images.report_corrupt(index, err)
         raise RuntimeError(f"none of the {len(self.indices)} images of this split decodes")
 

@@ -25,6 +25,7 @@ torchvision's own path unchanged.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -41,12 +42,29 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 JPEG_MAGIC = b"\xff\xd8"
 
 
+class CorruptImage(Exception):
+    """A file that cannot be read or does not decode: the loader replaces it and counts it. Only
+    this is caught there; any other error (a bug in an augmentation) stops the run."""
+
+
+def raises_corrupt_image(decode):
+    """The decoding errors of `decode` become CorruptImage, with their first line as the reason."""
+    @functools.wraps(decode)
+    def wrapper(*args, **kwargs):
+        try:
+            return decode(*args, **kwargs)
+        except DECODE_ERRORS as err:
+            raise CorruptImage(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+    return wrapper
+
+
 @dataclass
 class EncodedImage:
     data: bytes  # the file's bytes: JPEG, PNG, or anything PIL opens
     name: str  # where it came from, for messages
 
 
+@raises_corrupt_image
 def decoded_rgb(data: bytes | Image.Image, draft_scale: int = 1) -> tuple[Image.Image, float]:
     """Decode bytes (or a PIL image opened and not yet loaded) to an RGB PIL image, a JPEG at
     1/draft_scale size (DCT scaling) when asked; also return the decoded size over the original
@@ -62,6 +80,7 @@ def decoded_rgb(data: bytes | Image.Image, draft_scale: int = 1) -> tuple[Image.
     return (img if img.mode == "RGB" else img.convert("RGB")), factor
 
 
+@raises_corrupt_image
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header alone."""
     if data[:2] == JPEG_MAGIC:
@@ -73,6 +92,7 @@ def image_size(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
 
 
+@raises_corrupt_image
 def decode_pixels(data: bytes, draft_scale: int = 1, fast_dct: bool = False) -> tuple[torch.Tensor, float]:
     """Decode to a (3, H, W) uint8 tensor (channels-last memory), a JPEG at 1/draft_scale size (with
     libjpeg's fast IDCT if asked); also return the decoded width over the original width."""
