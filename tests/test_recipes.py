@@ -308,7 +308,7 @@ def test_cifar10_short_run_on_the_shared_jpegs(tmp_path):
     ("notes/3", []),                                     # SGD, cosine, label smoothing, fp32
     ("notes/22", []),                                    # torch RMSprop, TF init, linear warmup, L2 loss term
     ("notes/42", ["train.allow_cpu_fp16=true"]),          # RMSpropTF fp16, CJ + RE, warmup from 1e-6, zero-init
-    ("plan/aa-before-crop", []),                         # TF's AutoAugment v0 (its 0-bit Posterize included)
+    ("plan/aa-before-crop", ["train.allow_cpu_fp16=true"]),  # TF's AutoAugment v0 (its 0-bit Posterize included)
 ])
 def test_notes_variant_short_run_on_digits(variant, extra, tmp_path):
     result = run_cli("train", "--recipe", "notes_b0", "--variant", variant, "--run-dir", "run", *SHORT,
