@@ -221,6 +221,21 @@ def test_every_auto_augment_op_runs_at_every_draw(policy):
         assert not np.asarray(zero_bits(img)).any()
 
 
+@pytest.mark.parametrize("interpolation, new_values", [("nearest", False), ("bicubic", True), ("random", True)])
+def test_auto_augment_geometry_samples_nearest_as_tf_does(interpolation, new_values):
+    from trainer.data import build_auto_augment
+
+    assert DataConfig().aa_interpolation == "nearest"  # tf.contrib.image's rotate and transform default
+    aa = build_auto_augment("v0", image_size=32, translate_pct=0.45, interpolation=interpolation)
+    rotate = next(op for sub_policy in aa.policy for op in sub_policy if op.name == "Rotate")
+    rotate.prob = 1.0
+    img = noise_image(32, 32)
+    colors = {tuple(c) for c in np.asarray(img).reshape(-1, 3)} | {(128, 128, 128)}  # + TF's fill
+    with seeded(0):
+        out = {tuple(c) for c in np.asarray(rotate(img)).reshape(-1, 3)}
+    assert (not out <= colors) == new_values  # nearest copies pixels; a filter mixes them
+
+
 def test_a_failing_augmentation_stops_the_loader_and_is_not_counted_as_a_corrupt_image(tmp_path):
     def broken(image):
         raise ValueError("an augmentation bug")

@@ -59,6 +59,9 @@ class DataConfig(Section):
     aa_order: Literal["after_crop", "before_crop"] = "after_crop"
     # AA/RA translate range as a fraction of image_size (timm: 0.45); TF uses 250 px whatever the size
     aa_translate_pct: float = Field(0.45, ge=0)
+    # AA's rotate/shear/translate resampling: TF's AutoAugment (tf.contrib.image's rotate and transform)
+    # samples "nearest"; "random" is timm's default, bilinear or bicubic drawn per op
+    aa_interpolation: Literal["nearest", "bilinear", "bicubic", "random"] = "nearest"
     # brightness/contrast/saturation factor (timm's --color-jitter); TF has none, notes row 39 tries 0.4.
     # Unlike timm, it is not dropped when auto_augment is set: a set value is never silently ignored
     color_jitter: float = Field(0.0, ge=0)
@@ -89,7 +92,7 @@ class DataConfig(Section):
             from .data import build_auto_augment  # data imports this module; a lazy import breaks the cycle
 
             # build it: a policy string that does not parse fails here, at load, not in a worker mid-run
-            build_auto_augment(policy, image_size=224, translate_pct=0.45, interpolation="bicubic")
+            build_auto_augment(policy, image_size=224, translate_pct=0.45, interpolation="nearest")
         return policy
 
 

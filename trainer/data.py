@@ -146,7 +146,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 def build_auto_augment(policy: str, image_size: int, translate_pct: float, interpolation: str):
     """timm's AutoAugment ("original", "v0", ... "-mstd0.5") or RandAugment ("rand-m9-mstd0.5") from
-    its policy string; a string that does not parse raises ValueError with a one-line message."""
+    its policy string, its geometric ops resampling with `interpolation` ("random": timm's draw); a
+    string that does not parse raises ValueError with a one-line message."""
     from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
     from timm.data.transforms import str_to_pil_interp
 
@@ -158,8 +159,9 @@ def build_auto_augment(policy: str, image_size: int, translate_pct: float, inter
             raise ValueError(f"auto_augment {policy!r}: section {section!r} does not parse (want e.g. m9, mstd0.5)")
     # timm's default fill (128, 128, 128) is TF's; its factory would fill with the dataset mean instead
     # the *Rel ops (v0, original, RandAugment) read translate_pct, the absolute ones translate_const
-    hparams = dict(translate_pct=translate_pct, translate_const=int(image_size * translate_pct),
-                   interpolation=str_to_pil_interp(interpolation))
+    hparams = dict(translate_pct=translate_pct, translate_const=int(image_size * translate_pct))
+    if interpolation != "random":  # without it timm draws bilinear or bicubic for each op
+        hparams["interpolation"] = str_to_pil_interp(interpolation)
     try:
         if name == "rand":
             transform = rand_augment_transform(policy, hparams)
@@ -194,7 +196,7 @@ def train_transform(cfg: DataConfig) -> T.Compose:
     if cfg.auto_augment:
         # timm's AA ops work on PIL images (the digits are tensors; PIL images pass through)
         aa = [T.ToPILImage(), build_auto_augment(cfg.auto_augment, cfg.image_size, cfg.aa_translate_pct,
-                                                 cfg.interpolation)]
+                                                 cfg.aa_interpolation)]
     # AA before the crop needs the decoded image; otherwise the crop decodes (at reduced size if it can)
     steps = [Decode(), *aa] if cfg.aa_order == "before_crop" else []
     # torchvision falls back to a center crop of the whole image after 10 failed tries; TF to its eval crop
