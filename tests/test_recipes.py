@@ -318,3 +318,18 @@ def test_notes_variant_short_run_on_digits(variant, extra, tmp_path):
     assert saved["variant"] == variant
     expected = load_config("notes_b0", [*SHORT, "data.source=digits", *extra], variant=variant).to_dict()
     assert saved == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_every_recipe_and_variant_trains_its_first_steps(recipe, tmp_path):
+    """Loading is not enough: TF's AutoAugment loaded and then crashed in the first batches. Every
+    recipe and variant trains 2 steps and evaluates (test model, digits), through `sweep`."""
+    variants = ["", "all"] if read_recipe(recipe).get("variants") else [""]
+    for spec in variants:
+        result = run_cli("sweep", "--recipe", recipe, *(["--variants", spec] if spec else []), "--sweep-dir",
+                         "sweep", *TINY, "data.source=digits", "train.max_steps=2", "train.allow_cpu_fp16=true",
+                         "data.num_workers=0", "wandb.mode=disabled", cwd=tmp_path, timeout=1800)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summaries = [json.loads(path.read_text()) for path in (tmp_path / "sweep").glob("*/summary.json")]
+    assert summaries and all(s["status"] in ("completed", "collapsed") for s in summaries)
