@@ -23,7 +23,9 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.data.auto_augment import posterize as timm_posterize
+from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+from timm.data.auto_augment import posterize as timm_posterize  # named apart from ours below
+from timm.data.transforms import str_to_pil_interp
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from .config import ConfigError, DataConfig
@@ -148,9 +150,6 @@ def build_auto_augment(policy: str, image_size: int, translate_pct: float, inter
     """timm's AutoAugment ("original", "v0", ... "-mstd0.5") or RandAugment ("rand-m9-mstd0.5") from
     its policy string, its geometric ops resampling with `interpolation` ("random": timm's draw); a
     string that does not parse raises ValueError with a one-line message."""
-    from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
-    from timm.data.transforms import str_to_pil_interp
-
     name, *sections = policy.split("-")
     for section in sections:
         # timm skips a section without a number ("rand-mnine"): we refuse it, so a typo cannot silently
@@ -189,8 +188,8 @@ def posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **_) -> Ima
 
 
 def train_transform(cfg: DataConfig) -> T.Compose:
-    """[AA], random-resized-crop, flip, [AA], color jitter; a uint8 tensor out. Random erasing is not here: it
-    works on normalized floats, so it runs on the batch in the training process (trainer/mixup.py)."""
+    """[AA], random-resized-crop, flip, [AA], color jitter; a uint8 tensor out. Random erasing is not
+    here: it works on normalized floats, so it runs on the batch in the training process (mixup.py)."""
     interpolation = T.InterpolationMode(cfg.interpolation)
     aa = []
     if cfg.auto_augment:
@@ -366,8 +365,9 @@ def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world
     train_sampler = ResumableSampler(base)
     # generator: each new iterator draws its workers' base seed from it; from the global generator
     # that draw would shift the model's dropout numbers, so a resumed run would not redraw them exactly
-    common = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_channels_last,
-                  persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+    common = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                  collate_fn=collate_channels_last, persistent_workers=False,
+                  generator=torch.Generator().manual_seed(seed))
     return Loaders(
         train=DataLoader(train_set, batch_size=micro_batch, sampler=train_sampler, drop_last=True, **common),
         val=DataLoader(val_set, batch_size=micro_batch, sampler=ExactShardSampler(len(val_set), rank, world_size),

@@ -21,7 +21,7 @@ uint8 block and resized there (torchvision's AVX2 antialiased resize: 3-4x faste
 within 1/255 of it, and 1.5x faster again on a contiguous block than on the strided view); the
 output stays channels-last (the loader stacks it so, see `collate_channels_last`).
 Anything that is not an `EncodedImage` (a decoded PIL image, the digits' tensors) takes
-torchvision's own path unchanged.
+torchvision's own path unchanged; a PIL result comes back as a uint8 tensor.
 """
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ def decode_pixels(data: bytes, draft_scale: int = 1, fast_dct: bool = False) -> 
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             # the smallest libjpeg-turbo scaling with at least these sizes is exactly 1/draft_scale
-            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast_dct, min_width=-(-width // draft_scale),
-                                            min_height=-(-height // draft_scale))
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast_dct,
+                                            min_width=-(-width // draft_scale), min_height=-(-height // draft_scale))
             return torch.from_numpy(pixels).permute(2, 0, 1), pixels.shape[1] / width
         except ValueError:
             pass  # CMYK, or corrupt: PIL decodes the first and names the trouble with the second
@@ -142,7 +142,7 @@ class DecodesEncodedImages:
         if isinstance(image, EncodedImage):
             return self.from_encoded(image)
         if isinstance(image, Image.Image):  # torchvision's PIL path, exactly
-            return to_tensor(super().forward(image.convert("RGB")))
+            return to_tensor(super().forward(image if image.mode == "RGB" else image.convert("RGB")))
         return super().forward(*inputs)
 
 
