@@ -14,31 +14,11 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
-from conftest import REPO, TINY, read_jsonl, run_cli
+from conftest import REPO, TINY, corrupt_tree, image_tree, read_jsonl, run_cli, smooth_image
 from trainer.config import ConfigError, DataConfig
 from trainer.data import FolderImages, build_loaders, eval_transform, normalize, seeded
 from trainer.decode import DecodeRandomResizedCrop, DecodeResize, EncodedImage, draft_scale_for
 from trainer.lmdb_source import LmdbImages, pack
-
-
-def smooth_image(width: int, height: int, seed: int) -> Image.Image:
-    """A photo-like picture: low-resolution noise upscaled (as CIFAR upscaled to ImageNet sizes)."""
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8))
-    return small.resize((width, height), Image.BICUBIC)
-
-
-def image_tree(root, per_class=6, size=(40, 30), classes=("cat", "dog", "fox")):
-    """Class folders of JPEGs and PNGs (and one image in a subfolder: ImageFolder walks them)."""
-    for c, name in enumerate(classes):
-        (root / name / "sub").mkdir(parents=True)
-        for k in range(per_class):
-            img = smooth_image(*size, seed=10 * c + k)
-            if k % 3 == 2:
-                img.save(root / name / f"{k}.png")
-            else:
-                img.save(root / name / ("sub" if k == 0 else "") / f"{k}.jpg", quality=90)
-    return root
 
 
 def packed(tmp_path, tree):
@@ -223,14 +203,6 @@ def test_batches_cross_in_channels_last_memory_and_normalize_to_either_layout(tm
 
 # -- corrupt files: reported once each, replaced, counted; the epoch goes on
 
-def corrupt_tree(root):
-    tree = image_tree(root, per_class=8, size=(24, 20), classes=("a", "b"))  # 16 good images
-    whole = (tree / "a" / "1.jpg").read_bytes()
-    (tree / "a" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
-    (tree / "b" / "notes.jpg").write_text("this is a text file, not a JPEG\n")
-    return tree, [str(tree / "a" / "truncated.jpg"), str(tree / "b" / "notes.jpg")]
-
-
 def test_corrupt_files_are_replaced_reported_once_and_counted(tmp_path, capfd):
     tree, bad = corrupt_tree(tmp_path / "tree")
     loaders = build_loaders(DataConfig(source="imagefolder", path=str(tree), image_size=8, val_fraction=0.5,
@@ -240,7 +212,8 @@ def test_corrupt_files_are_replaced_reported_once_and_counted(tmp_path, capfd):
         assert sum(len(x) for x, _ in loaders.train) == 8 and sum(len(x) for x, _ in loaders.val) == 9
     err = capfd.readouterr().err
     assert all(err.count(path) == 1 for path in bad), err  # once per file, whatever the worker or epoch
-    assert loaders.corrupt_images() == 2  # counted in the workers, read in this process
+    source = loaders.train.dataset.images
+    assert sorted(source.name(i) for i in loaders.corrupt_indices()) == sorted(bad)  # found in the workers, read here
 
 
 def test_a_tree_with_corrupt_files_trains_through_an_epoch(tmp_path):
@@ -255,6 +228,20 @@ def test_a_tree_with_corrupt_files_trains_through_an_epoch(tmp_path):
     assert all("corrupt_images" in r for r in rows if "loss" in r)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["corrupt_images"] == 2
+
+
+def test_a_resumed_run_counts_on_the_corrupt_files_it_found_and_does_not_report_them_again(tmp_path):
+    tree, bad = corrupt_tree(tmp_path / "tree")  # 14 train, 4 val: 2 steps an epoch, eval at its end
+    args = ["train", "--recipe", "cifar10", "--run-dir", "run", f"data.path={tree}", *TINY, "train.micro_batch=7",
+            "train.epochs=2", "data.val_fraction=0.2", "data.num_workers=1", "data.image_size=16",
+            "wandb.mode=disabled"]
+    first = run_cli(*args, "--stop-at-step", "2", cwd=tmp_path)
+    assert first.returncode == 0 and all(first.stderr.count(path) == 1 for path in bad), first.stderr[-3000:]
+    second = run_cli(*args, "--resume", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not any(path in second.stderr for path in bad), second.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 4 and summary["corrupt_images"] == 2
 
 
 # -- end to end on a pack, and the bench

@@ -1,6 +1,7 @@
 """Two ranks through the real `deepspeed` launcher, on the CPU with gloo: a completed run, the same
 training as one rank with the global batch, a two-rank checkpoint resumed on two ranks, a stop
-signal agreed by all ranks, and a dead or stuck rank that ends the launch instead of hanging it.
+signal agreed by all ranks, corrupt files counted over both ranks, and a dead or stuck rank that
+ends the launch instead of hanging it.
 
 Each rank runs with OMP_NUM_THREADS=1: two ranks with all cores each oversubscribe a small machine."""
 import json
@@ -16,7 +17,8 @@ import psutil
 import pytest
 import torch
 
-from conftest import GROUP_VARIABLES, read_jsonl, run_cli
+from conftest import GROUP_VARIABLES, image_tree, read_jsonl, run_cli
+from trainer.data import FolderImages, split_indices
 
 LAUNCHER = Path(sys.executable).parent / "deepspeed"
 MICRO_BATCH = 16
@@ -192,6 +194,24 @@ def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks(two_ranks, tmp_path):
     uninterrupted, _ = two_ranks
     assert losses(run) == pytest.approx(losses(uninterrupted), rel=1e-6)
     assert_same_weights(run, uninterrupted, step=4)
+
+
+def test_corrupt_files_met_by_rank_1_only_are_counted_in_rank_0s_metrics(tmp_path):
+    tree = image_tree(tmp_path / "tree", per_class=8, size=(24, 20), classes=("a", "b"))  # 16: 12 train, 4 val
+    source = FolderImages(str(tree))
+    _, val = split_indices(len(source), val_fraction=0.25, seed=0)
+    # rank 1 evaluates val positions 1 and 3; each one's replacement, the next position, is good
+    bad = [source.name(i) for i in val[1::2]]
+    for path in bad:
+        Path(path).write_text("this is a text file, not an image\n")
+    result = launch("--run-dir", "run", "model.name=test_efficientnet", "data.image_size=16", "data.source=imagefolder",
+                    f"data.path={tree}", "data.val_fraction=0.25", "data.split_seed=0", "data.num_workers=1",
+                    "train.micro_batch=3", "train.epochs=1", "wandb.mode=disabled", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert all(output.count(path) == 1 for path in bad), output[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())  # written by rank 0
+    assert summary["status"] == "completed" and summary["corrupt_images"] == 2
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):

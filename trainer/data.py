@@ -4,7 +4,7 @@ across ranks.
 
 A folder or LMDB source hands the transforms the file's bytes; the first transform decodes them,
 a large JPEG at reduced size where the crop allows (trainer/decode.py). A file that does not
-decode is reported once, replaced by the next sample and counted (`Loaders.corrupt_images`).
+decode is reported once, replaced by the next sample and counted (`Loaders.corrupt_indices`).
 Samples leave the loader as uint8 tensors (cheap to pass between processes); `normalize` turns
 them into floats in the training process.
 """
@@ -343,9 +343,14 @@ class Loaders:
         self.train.dataset.epoch = epoch
         self.train_sampler.set_epoch(epoch, skip_samples)
 
-    def corrupt_images(self) -> int:
-        """Images found not to decode so far on this rank (train and val; each file counted once)."""
-        return int(self.train.dataset.images.corrupt.sum())
+    def corrupt_indices(self) -> set[int]:
+        """The source's images known not to decode (train and val): found on this rank, or marked."""
+        return set(self.train.dataset.images.corrupt.nonzero().flatten().tolist())
+
+    def mark_corrupt(self, indices):
+        """Flag images that another rank or an earlier session found corrupt: still replaced when
+        drawn, counted, not reported again. The workers see the flags: they are in shared memory."""
+        self.train.dataset.images.corrupt[sorted(indices)] = 1
 
 
 def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world_size: int) -> Loaders:

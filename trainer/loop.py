@@ -48,6 +48,7 @@ class TrainState:
     loss_window_count: int = 0
     last_eval: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
+    corrupt_images: list = field(default_factory=list)  # source indices found not to decode, all ranks
 
 
 class Collapsed(Exception):
@@ -155,6 +156,19 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
+def corrupt_images_over_ranks(loaders, group) -> list[int]:
+    """The images found corrupt so far on any rank (source indices), now flagged on this rank too:
+    the metric counts each file once over all ranks, and a rank does not report a file another
+    rank met in an earlier epoch. A collective: every rank calls it at the same step."""
+    found = loaders.corrupt_indices()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, sorted(found), group=group)  # a few ints per rank
+        found = set().union(*every)
+        loaders.mark_corrupt(found)
+    return sorted(found)
+
+
 def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int | None = None) -> dict:
     """resume: None (fresh run), "auto" (continue if a checkpoint exists) or "required".
     stop_at_step: behave as if interrupted right after that optimizer step."""
@@ -196,6 +210,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
     if tag is not None:
         client = checkpoint.load(engine, ckpt_dir, tag)
         state = TrainState(**client["trainer"])
+        loaders.mark_corrupt(state.corrupt_images)  # counted on, not reported again
         ema.load_state_dict(client["ema"])
         checkpoint.restore_rng_states(client["rng"])
         if dist.is_main:
@@ -211,6 +226,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
             raise Collapsed("the weights are non-finite; the last good checkpoint is kept")
         state.skipped_steps = monitor.skipped_steps
         state.loss_window_sum, state.loss_window_count = float(loss_sum), loss_count  # a device sync
+        state.corrupt_images = corrupt_images_over_ranks(loaders, dist.cpu_group)
         client = {"trainer": asdict(state), "ema": ema.state_dict(), "rng": checkpoint.rng_states(),
                   "config": cfg.to_dict()}
         best = {"metric": t.keep_best, "value": state.best[t.keep_best]} if new_best else None
@@ -218,7 +234,10 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
 
     def summary(status: str) -> dict:
         state.skipped_steps = monitor.skipped_steps
-        return {"status": status, "skipped_steps": state.skipped_steps, "corrupt_images": loaders.corrupt_images(),
+        # every rank ends a completed or interrupted run at the same step; after a failure, this rank's view
+        agreed = status in ("completed", "interrupted")
+        corrupt = corrupt_images_over_ranks(loaders, dist.cpu_group) if agreed else loaders.corrupt_indices()
+        return {"status": status, "skipped_steps": state.skipped_steps, "corrupt_images": len(corrupt),
                 "run_dir": str(run_dir), "steps": state.step, "total_steps": total_steps,
                 "epochs": state.step / steps_per_epoch, "images_seen": state.images_seen,
                 "images_per_s": state.images_seen / max(state.train_seconds, 1e-9),
@@ -308,7 +327,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
                            "grad_norm": None if outcome.grad_norm is None else float(outcome.grad_norm),
                            "loss_scale": precision.loss_scale(engine), "overflow": not outcome.applied,
                            "skipped_steps": monitor.skipped_steps,
-                           "corrupt_images": loaders.corrupt_images(),  # this rank's, replaced and reported
+                           "corrupt_images": len(corrupt_images_over_ranks(loaders, dist.cpu_group)),
                            **({"compiled_graphs": compiles.graphs(), "recompiles": compiles.recompiles()}
                               if compiles.enabled else {})}
                     compiles.check(state.step)
