@@ -4,6 +4,7 @@ falling back to offline when its server cannot be reached."""
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import GROUP_VARIABLES, read_jsonl, run_cli
 
@@ -260,7 +262,8 @@ BAD_INPUT = {
     "--resume without --run-dir": (["--resume", *TINY, *QUIET], "resuming needs --run-dir"),
     "run dir holds another run": (["--run-dir", "run", *TINY, *QUIET, "train.micro_batch=32",
                                    "train.max_steps=2"], "run directory run already holds a run"),
-    "resume with another config": ([*RESUME, "optim.lr=0.5"], "holds a run with a different config"),
+    "resume with another config": ([*RESUME, "optim.lr=0.5"],
+                                   "holds a run with a different config (optim.lr: 0.016 there, 0.5 here)"),
 }
 
 
@@ -276,6 +279,19 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(workdir, case):
     assert sum(line.startswith("error:") for line in lines) == 1
     assert "Traceback" not in result.stderr
     assert snapshot(workdir) == before  # no run directory created, nothing in run/ rewritten
+
+
+def test_resuming_a_run_made_before_a_setting_existed_names_the_setting(workdir, tmp_path):
+    shutil.copytree(workdir / "run", tmp_path / "run")
+    config = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    del saved["data"]["jpeg_dct"]  # as an older trainer wrote it
+    config.write_text(yaml.safe_dump(saved))
+    result = run_cli("train", "--recipe", "demo", *RESUME, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: run directory run holds a run with a different config (data.jpeg_dct: absent there (an older "
+        "trainer made the run), 'fast' here); resume with the same settings")
 
 
 def test_wandb_unreachable_falls_back_to_offline(cli, tmp_path):

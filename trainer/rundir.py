@@ -28,8 +28,28 @@ def _comparable(config: dict) -> dict:
     return kept
 
 
-def _same_run(saved: dict, cfg: Config) -> bool:
-    return _comparable(saved) == _comparable(cfg.to_dict())
+def _flat(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _differences(saved: dict, cfg: Config) -> list[str]:
+    """The settings in which this run differs from the saved one, one 'key: there, here' each."""
+    there, here = _flat(_comparable(saved)), _flat(_comparable(cfg.to_dict()))
+    differences = []
+    for key in sorted(there.keys() | here.keys()):
+        if key not in there:
+            differences.append(f"{key}: absent there (an older trainer made the run), {here[key]!r} here")
+        elif key not in here:
+            differences.append(f"{key}: {there[key]!r} there, not a setting of this trainer")
+        elif there[key] != here[key]:
+            differences.append(f"{key}: {there[key]!r} there, {here[key]!r} here")
+    return differences
 
 
 def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
@@ -44,8 +64,10 @@ def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
         if resume is None:
             return (f"run directory {run_dir} already holds a run; pass --resume to continue it "
                     f"or choose another --run-dir")
-        if not _same_run(yaml.safe_load(saved_config.read_text()), cfg):
-            return f"run directory {run_dir} holds a run with a different config; resume with the same settings"
+        differences = _differences(yaml.safe_load(saved_config.read_text()), cfg)
+        if differences:
+            return (f"run directory {run_dir} holds a run with a different config ({'; '.join(differences)}); "
+                    f"resume with the same settings")
     elif run_dir.exists() and any(run_dir.iterdir()):
         return f"run directory {run_dir} is not empty and holds no run"
     return None
