@@ -260,9 +260,10 @@ def test_train_on_an_lmdb_pack(tmp_path):
 def test_bench_data_prints_the_baseline_and_ours(tmp_path):
     tree = image_tree(tmp_path / "tree", per_class=4, size=(64, 48))
     result = run_cli("bench", "data", "--source", tree, "--workers", "0", "--images", "8", "--image-size", "32",
-                     "--repeats", "1", cwd=tmp_path, timeout=120)
+                     "--repeats", "1", "--auto-augment", "v0", cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
+    assert "32 px training transforms with AutoAugment v0" in lines[0]
     assert any(line.startswith("torchvision ImageFolder, full decode") and line.endswith("1.00x") for line in lines)
     assert any(line.startswith("trainer imagefolder, jpeg_draft=true jpeg_dct=fast") and line.endswith("x")
                for line in lines)
@@ -273,3 +274,12 @@ def test_bench_data_prints_the_baseline_and_ours(tmp_path):
     assert [r["loader"].split(",")[0] for r in rows] == ["PIL full decode of the LMDB bytes + torchvision transforms",
                                                           "trainer lmdb", "trainer lmdb", "trainer lmdb"]
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("option, message", [(["--auto-augment", "v9"], "config key 'auto_augment'"),
+                                             (["--image-size", "4"], "config key 'image_size'")])
+def test_bench_data_refuses_a_bad_setting_on_one_line(tmp_path, option, message):
+    tree = image_tree(tmp_path / "tree", per_class=2)
+    result = run_cli("bench", "data", "--source", tree, *option, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: bench data: {message}")

@@ -2,6 +2,7 @@
 
     python -m trainer bench data --source /data/imagenet/train --workers 1 --images 2000
     python -m trainer bench data --source /data/imagenet-train.lmdb
+    python -m trainer bench data --source /data/imagenet/train --auto-augment v0   # the TF recipe's
 
 Each row loads the same images (a fixed random subset) through a DataLoader with the same number
 of workers and batch size, and reports images/s over the whole pass, worker start-up included, and
@@ -10,8 +11,11 @@ timm-style training transforms at the same size: RandomResizedCrop (same scale, 
 and a horizontal flip, to a uint8 tensor (what timm's train.py hands its GPU prefetcher, with the
 default collate). For an LMDB source the baseline decodes the same bytes fully with PIL and runs the
 same torchvision transforms. Our rows are the trainer's own loader (decoding crop, channels-last
-collate): full decode, reduced-size decode, then TF's fast IDCT. Rows run alternately, `repeats` times;
-the best pass of each is reported (a shared machine only ever slows a pass down).
+collate): full decode, reduced-size decode, then TF's fast IDCT. With `auto_augment`, every row runs
+it after the crop: the baseline as timm's train.py does (its default train interpolation, 'random':
+bilinear or bicubic drawn per op), ours as the trainer does (`data.aa_interpolation`, TF's nearest).
+Rows run alternately, `repeats` times; the best pass of each is reported (a shared machine only
+ever slows a pass down).
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms.v2 as T
+from pydantic import ValidationError
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .config import ConfigError, DataConfig
-from .data import TransformedSubset, collate_channels_last, open_source, train_transform
+from .config import ConfigError, DataConfig, describe_validation_error
+from .data import TransformedSubset, build_auto_augment, collate_channels_last, open_source, train_transform
 
 
 class FullDecode(Dataset):
@@ -50,18 +55,25 @@ def images_per_s(dataset, workers: int, batch: int, collate_fn=None) -> float:
 
 
 def bench_data(source: str, workers: int = 1, images: int = 2000, image_size: int = 224, batch: int = 32,
-               repeats: int = 2, seed: int = 0) -> list[dict]:
+               repeats: int = 2, seed: int = 0, auto_augment: str | None = None) -> list[dict]:
     path = Path(source)
     kind = "imagefolder" if path.is_dir() else "lmdb"
-    cfg = DataConfig(source=kind, path=str(path), image_size=image_size, num_workers=workers)
+    try:
+        cfg = DataConfig(source=kind, path=str(path), image_size=image_size, num_workers=workers,
+                         auto_augment=auto_augment)
+    except ValidationError as err:
+        raise ConfigError(f"bench data: {describe_validation_error(err)}") from None
     ours = open_source(cfg)
     if len(ours) == 0:
         raise ConfigError(f"bench: {source} holds no images")
     picked = torch.randperm(len(ours), generator=torch.Generator().manual_seed(seed))[:images].tolist()
     # timm's training transforms at the same size and settings, full decode
+    timm_aa = []  # as timm's train.py runs the policy: its default train interpolation, 'random'
+    if auto_augment:
+        timm_aa = [build_auto_augment(auto_augment, image_size, translate_pct=0.45, interpolation="random")]
     reference = T.Compose([T.RandomResizedCrop(image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
                                                interpolation=T.InterpolationMode(cfg.interpolation), antialias=True),
-                           T.RandomHorizontalFlip(cfg.hflip), T.ToImage(), T.ToDtype(torch.uint8)])
+                           T.RandomHorizontalFlip(cfg.hflip), *timm_aa, T.ToImage(), T.ToDtype(torch.uint8)])
     if kind == "imagefolder":
         from torchvision.datasets import ImageFolder
 
@@ -83,8 +95,10 @@ def bench_data(source: str, workers: int = 1, images: int = 2000, image_size: in
             for name, rate in best.items()]
 
 
-def print_table(rows: list[dict], source: str, workers: int, image_size: int, batch: int):
-    print(f"bench data: {source}: {rows[0]['images']} images, {image_size} px training transforms, "
+def print_table(rows: list[dict], source: str, workers: int, image_size: int, batch: int,
+                auto_augment: str | None = None):
+    augment = f" with AutoAugment {auto_augment}" if auto_augment else ""
+    print(f"bench data: {source}: {rows[0]['images']} images, {image_size} px training transforms{augment}, "
           f"{workers} worker(s), batch {batch}, {os.cpu_count()} CPU cores")
     width = max(len(r["loader"]) for r in rows)
     print(f"{'loader':<{width}}  {'images/s':>9}  {'per worker':>10}  {'vs baseline':>11}")

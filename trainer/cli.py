@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--image-size", type=int, default=224, help="training crop size (default 224)")
     bench_data.add_argument("--batch-size", type=int, default=32)
     bench_data.add_argument("--repeats", type=int, default=2, help="passes per loader, best reported (default 2)")
+    bench_data.add_argument("--auto-augment", metavar="POLICY",
+                            help="timm AutoAugment/RandAugment policy after the crop, e.g. v0 (the TF recipe's)")
     bench_train = bench_verbs.add_parser(
         "train", help="a bare PyTorch loop against the trainer, eager and compiled, same run",
         description="images/s of a hand-written loop, of the trainer in eager mode and compiled, on the same "
@@ -205,8 +207,8 @@ def cmd_bench(args) -> int:
     from .bench_data import bench_data, print_table
 
     rows = bench_data(args.source, workers=args.workers, images=args.images, image_size=args.image_size,
-                      batch=args.batch_size, repeats=args.repeats)
-    print_table(rows, args.source, args.workers, args.image_size, args.batch_size)
+                      batch=args.batch_size, repeats=args.repeats, auto_augment=args.auto_augment)
+    print_table(rows, args.source, args.workers, args.image_size, args.batch_size, args.auto_augment)
     return 0
 
 
