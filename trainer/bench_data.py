@@ -65,12 +65,12 @@ def bench_data(source: str, workers: int = 1, images: int = 2000, image_size: in
         raise ConfigError(f"bench data: {describe_validation_error(err)}") from None
     ours = open_source(cfg)
     if len(ours) == 0:
-        raise ConfigError(f"bench: {source} holds no images")
+        raise ConfigError(f"bench data: {source} holds no images")
     picked = torch.randperm(len(ours), generator=torch.Generator().manual_seed(seed))[:images].tolist()
     # timm's training transforms at the same size and settings, full decode
     timm_aa = []  # as timm's train.py runs the policy: its default train interpolation, 'random'
     if auto_augment:
-        timm_aa = [build_auto_augment(auto_augment, image_size, translate_pct=0.45, interpolation="random")]
+        timm_aa = [build_auto_augment(auto_augment, image_size, cfg.aa_translate_pct, interpolation="random")]
     reference = T.Compose([T.RandomResizedCrop(image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
                                                interpolation=T.InterpolationMode(cfg.interpolation), antialias=True),
                            T.RandomHorizontalFlip(cfg.hflip), *timm_aa, T.ToImage(), T.ToDtype(torch.uint8)])

@@ -48,7 +48,7 @@ class TrainState:
     loss_window_count: int = 0
     last_eval: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
-    corrupt_images: list = field(default_factory=list)  # source indices found not to decode, all ranks
+    corrupt_images: list[int] = field(default_factory=list)  # source indices found not to decode, all ranks
 
 
 class Collapsed(Exception):
