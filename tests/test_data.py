@@ -8,8 +8,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from trainer.config import ConfigError, DataConfig, load_config
-from trainer.data import (FolderImages, TransformedSubset, build_loaders, eval_transform, seeded,
-                          train_transform)
+from trainer.data.loaders import TransformedSubset, build_loaders
+from trainer.data.seeding import seeded
+from trainer.data.sources import FolderImages
+from trainer.data.transforms import eval_transform, train_transform
 
 BILINEAR, BICUBIC = T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC
 
@@ -206,7 +208,7 @@ def test_auto_augment_policies_load_and_run(policy):
 @pytest.mark.parametrize("policy", ["v0", "original", "rand-m9-mstd0.5", "rand-m10-mstd1-inc1"])
 def test_every_auto_augment_op_runs_at_every_draw(policy):
     """Each op forced on, many draws: TF's v0 asks Posterize for 0 bits, which Pillow 13 refuses."""
-    from trainer.data import build_auto_augment
+    from trainer.data.augment import build_auto_augment
 
     aa = build_auto_augment(policy, image_size=32, translate_pct=0.45, interpolation="bicubic")
     ops = aa.ops if hasattr(aa, "ops") else [op for sub_policy in aa.policy for op in sub_policy]
@@ -223,7 +225,7 @@ def test_every_auto_augment_op_runs_at_every_draw(policy):
 
 @pytest.mark.parametrize("interpolation, new_values", [("nearest", False), ("bicubic", True), ("random", True)])
 def test_auto_augment_geometry_samples_nearest_as_tf_does(interpolation, new_values):
-    from trainer.data import build_auto_augment
+    from trainer.data.augment import build_auto_augment
 
     assert DataConfig().aa_interpolation == "nearest"  # tf.contrib.image's rotate and transform default
     aa = build_auto_augment("v0", image_size=32, translate_pct=0.45, interpolation=interpolation)
@@ -262,7 +264,7 @@ def test_auto_augment_runs_before_or_after_the_crop_as_configured(order):
 
     steps = train_transform(DataConfig(auto_augment="v0", aa_order=order)).transforms
     kinds = [type(s) for s in steps]
-    # the crop is RandomResizedCrop or its subclass that decodes encoded images itself (trainer/decode.py)
+    # the crop is RandomResizedCrop or its subclass that decodes encoded images itself (trainer/data/decode.py)
     crop = next(k for k, step in enumerate(steps) if isinstance(step, T.RandomResizedCrop))
     aa = kinds.index(AutoAugment)
     assert (aa > crop) == (order == "after_crop")

@@ -16,9 +16,12 @@ from PIL import Image
 
 from conftest import REPO, TINY, corrupt_tree, image_tree, read_jsonl, run_cli, smooth_image
 from trainer.config import ConfigError, DataConfig
-from trainer.data import FolderImages, build_loaders, eval_transform, normalize, seeded
-from trainer.decode import DecodeRandomResizedCrop, DecodeResize, EncodedImage, draft_scale_for
-from trainer.lmdb_source import LmdbImages, pack
+from trainer.data.loaders import build_loaders, normalize
+from trainer.data.seeding import seeded
+from trainer.data.sources import FolderImages
+from trainer.data.transforms import eval_transform
+from trainer.data.decode import DecodeRandomResizedCrop, DecodeResize, EncodedImage, draft_scale_for
+from trainer.data.lmdb_source import LmdbImages, pack
 
 
 def packed(tmp_path, tree):
@@ -268,7 +271,7 @@ def test_bench_data_prints_the_baseline_and_ours(tmp_path):
     assert any(line.startswith("trainer imagefolder, jpeg_draft=true jpeg_dct=fast") and line.endswith("x")
                for line in lines)
 
-    from trainer.bench_data import bench_data
+    from trainer.tools.bench_data import bench_data
 
     rows = bench_data(str(packed(tmp_path, tree)), workers=0, images=8, image_size=32, repeats=1)
     assert [r["loader"].split(",")[0] for r in rows] == ["PIL full decode of the LMDB bytes + torchvision transforms",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import GROUP_VARIABLES, image_tree, read_jsonl, run_cli
-from trainer.data import FolderImages, split_indices
+from trainer.data.sources import FolderImages, split_indices
 
 LAUNCHER = Path(sys.executable).parent / "deepspeed"
 MICRO_BATCH = 16
@@ -148,7 +148,7 @@ def test_global_batch_of_two_ranks_is_the_batch_of_one_rank():
     """DistributedSampler gives rank r the positions r, r+2, ... of the epoch's permutation: step k of
     2 ranks x B holds the same images as step k of 1 rank x 2B."""
     from trainer.config import DataConfig
-    from trainer.data import build_loaders
+    from trainer.data.loaders import build_loaders
 
     def steps(rank, world, micro):
         loaders = build_loaders(DataConfig(image_size=16), micro, seed=0, rank=rank, world_size=world)

@@ -2,7 +2,7 @@
 import torch
 
 from trainer.config import load_config
-from trainer.data import build_loaders
+from trainer.data.loaders import build_loaders
 from trainer.engine import build_ema
 from trainer.loop import evaluate
 from trainer.model import build_model

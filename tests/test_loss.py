@@ -5,7 +5,7 @@ import torch
 
 from trainer.config import LossConfig, MixupConfig, load_config
 from trainer.loss import build_loss
-from trainer.mixup import BatchAugment
+from trainer.data.batch_augment import BatchAugment
 
 
 def tf_smoothed_ce(logits: np.ndarray, targets: np.ndarray, eps: float) -> float:

@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY, read_jsonl
 from trainer.config import ConfigError, DataConfig, MixupConfig, load_config
-from trainer.mixup import BatchAugment, build_batch_augment
+from trainer.data.batch_augment import BatchAugment, build_batch_augment
 
 N, K = 8, 10
 

@@ -63,7 +63,7 @@ def test_every_recipe_and_variant_loads(recipe, variant, tmp_path):
 
 def test_a_recipe_without_data_path_loads_and_the_data_build_names_the_missing_path():
     from trainer.config import ConfigError
-    from trainer.data import build_loaders
+    from trainer.data.loaders import build_loaders
 
     cfg = load_config("tf_efficientnet_b0")  # a recipe names no machine's folder
     assert cfg.data.source == "imagefolder" and cfg.data.path is None

@@ -89,7 +89,7 @@ def test_bad_variant_or_override_stops_the_sweep_before_any_run(tmp_path):
 
 
 def test_prefix_selects_variants_in_recipe_order():
-    from trainer.sweep import select_variants
+    from trainer.tools.sweep import select_variants
 
     assert select_variants("notes_b0", "notes/4,notes/1*")[:3] == ["notes/4", "notes/1", "notes/10"]
     assert len(select_variants("notes_b0", "notes/*")) == 42

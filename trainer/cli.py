@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train = bench_verbs.add_parser(
         "train", help="a bare PyTorch loop against the trainer, eager and compiled, same run",
         description="images/s of a hand-written loop, of the trainer in eager mode and compiled, on the same "
-                    "model, optimizer, batch and in-memory synthetic images (see trainer/bench_train.py)")
+                    "model, optimizer, batch and in-memory synthetic images (see trainer/tools/bench_train.py)")
     bench_train.add_argument("--model", default="efficientnet_b0")
     bench_train.add_argument("--image-size", type=int, default=32)
     bench_train.add_argument("--batch", type=int, default=64)
@@ -154,7 +154,7 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import plan_runs, print_plan, run_sweep, select_variants, write_manifest
+    from .tools.sweep import plan_runs, print_plan, run_sweep, select_variants, write_manifest
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {args.seeds})")
@@ -171,7 +171,7 @@ def cmd_sweep(args) -> int:
 def cmd_pack(args) -> int:
     import signal
 
-    from .lmdb_source import pack
+    from .data.lmdb_source import pack
 
     # SIGTERM unwinds like Ctrl-C, so the partial DST.tmp-* is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -181,7 +181,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import NotebookFailed, report
+    from .tools.report import NotebookFailed, report
 
     try:
         written = report(args.out, args.sweep, args.baseline, args.healthy, args.collapsed)
@@ -196,7 +196,7 @@ def cmd_report(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.bench == "train":
-        from .bench_train import bench_train, print_table as print_train_table
+        from .tools.bench_train import bench_train, print_table as print_train_table
 
         args.modes = [m for m in args.modes.split(",") if m]
         if not args.modes or set(args.modes) - {"bare", "eager", "compiled"}:
@@ -204,7 +204,7 @@ def cmd_bench(args) -> int:
         rows = bench_train(args)
         print_train_table(rows, args)
         return 0
-    from .bench_data import bench_data, print_table
+    from .tools.bench_data import bench_data, print_table
 
     rows = bench_data(args.source, workers=args.workers, images=args.images, image_size=args.image_size,
                       batch=args.batch_size, repeats=args.repeats, auto_augment=args.auto_augment)

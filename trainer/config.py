@@ -46,7 +46,7 @@ class DataConfig(Section):
     # "accurate" (JDCT_ISLOW) is PIL's, within 4/255 of it and 5% slower to decode
     jpeg_dct: Literal["fast", "accurate"] = "fast"
     # -- train augmentation, in this order: [AA], random-resized-crop, flip, [AA], color jitter;
-    #    random erasing runs later, on the normalized batch (see trainer/mixup.py)
+    #    random erasing runs later, on the normalized batch (see trainer/data/batch_augment.py)
     # random-resized-crop area fraction and aspect ratio; TF: area (0.08, 1), aspect (3/4, 4/3)
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -82,14 +82,14 @@ class DataConfig(Section):
         if not 0 < lo <= hi:
             raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
         # source=imagefolder without data.path loads (a recipe names no machine's folder): the data
-        # build refuses it, before anything is written (trainer/data.py build_loaders)
+        # build refuses it, before anything is written (trainer/data/loaders.py build_loaders)
         return self
 
     @field_validator("auto_augment")
     @classmethod
     def _aa_parses(cls, policy: Optional[str]) -> Optional[str]:
         if policy is not None:
-            from .data import build_auto_augment  # data imports this module; a lazy import breaks the cycle
+            from .data.augment import build_auto_augment  # timm and torch: loaded only when a policy is set
 
             # build it: a policy string that does not parse fails here, at load, not in a worker mid-run
             build_auto_augment(policy, image_size=224, translate_pct=0.45, interpolation="nearest")

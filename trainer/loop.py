@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from . import checkpoint, health, precision
 from .config import Config, ConfigError, save_config
-from .data import build_loaders, normalize
+from .data.loaders import build_loaders, normalize
 from .compiled import EmaEvalCompile, RecompileWatch, compile_engine, compile_model
 from .engine import build_ds_config, build_ema, build_engine, init_distributed
 from .loss import build_loss
-from .mixup import build_batch_augment
+from .data.batch_augment import build_batch_augment
 from .model import build_model
 from .optim import LRSchedule, build_l2_penalty, build_optimizer, peak_lr, set_lr
 from .rundir import claim_run_dir

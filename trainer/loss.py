@@ -3,7 +3,7 @@ soft targets mixup makes, built from the `loss` section.
 
 TF smooths the (possibly mixed) one-hot targets: t = t * (1 - eps) + eps / classes, and
 the loss is -sum(t * log_softmax(logits)). Smoothing is linear, so smoothing after mixup
-equals mixing smoothed targets: mixup never smooths (see trainer/mixup.py), the loss
+equals mixing smoothed targets: mixup never smooths (see trainer/data/batch_augment.py), the loss
 always does, whether or not mixup is on.
 """
 from __future__ import annotations

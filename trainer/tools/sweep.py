@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, load_config, read_recipe
-from .track import read_summary, write_json_atomic
+from ..config import ConfigError, load_config, read_recipe
+from ..track import read_summary, write_json_atomic
 
 # a run with one of these statuses is a result (a collapse is the notes' outcome for some rows)
 FINISHED = ("completed", "collapsed")

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, DataConfig, MixupConfig
-from .data import build_random_erasing, seeded
+from ..config import ConfigError, DataConfig, MixupConfig
+from .seeding import seeded
 
 
 def tf_mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float, rng: np.random.Generator):
@@ -62,6 +62,17 @@ class BatchAugment:
             elif self.timm_mixup is not None:
                 inputs, targets = self.timm_mixup(inputs, targets)  # partner: the flipped batch
         return inputs, targets
+
+
+def build_random_erasing(cfg: DataConfig):
+    """timm's RandomErasing for the normalized batch, or None when off."""
+    if cfg.random_erasing == 0:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    # device="cpu": the fill noise comes from the CPU generator, which `seeded` seeds and restores
+    # (timm's default draws it on the GPU's global generator: neither reproducible nor restored)
+    return RandomErasing(probability=cfg.random_erasing, mode=cfg.erasing_mode, device="cpu")
 
 
 def build_batch_augment(data: DataConfig, mixup: MixupConfig, num_classes: int, micro_batch: int,

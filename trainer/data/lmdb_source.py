@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
-from .data import ImageSource
+from ..config import ConfigError
+from .sources import ImageSource
 from .decode import EncodedImage, decoded_rgb
 
 FORMAT = "effnet-trainer-lmdb/1"

@@ -28,8 +28,10 @@ import torchvision.transforms.v2 as T
 from pydantic import ValidationError
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .config import ConfigError, DataConfig, describe_validation_error
-from .data import TransformedSubset, build_auto_augment, collate_channels_last, open_source, train_transform
+from ..config import ConfigError, DataConfig, describe_validation_error
+from ..data.augment import build_auto_augment
+from ..data.loaders import TransformedSubset, collate_channels_last, open_source
+from ..data.transforms import train_transform
 
 
 class FullDecode(Dataset):

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, ModelConfig, load_config
-from .data import normalize, synthetic_images
-from .model import build_model
-from .track import read_metrics, read_summary
+from ..config import ConfigError, ModelConfig, load_config
+from ..data.loaders import normalize
+from ..data.sources import synthetic_images
+from ..model import build_model
+from ..track import read_metrics, read_summary
 
 LR, MOMENTUM, SMOOTHING = 0.05, 0.9, 0.1
 
@@ -55,7 +56,7 @@ def steady_rate(window_rates: list[float]) -> float:
 
 
 def run_trainer(args, compile_setting: str, workdir: Path) -> dict:
-    from .loop import fit
+    from ..loop import fit
 
     cfg = load_config("demo", trainer_overrides(args, compile_setting))
     run_dir = workdir / f"trainer-{compile_setting}"

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
+from ..config import ConfigError
 
 # beside the package, not inside it: found through the editable install of this repository
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
