@@ -15,40 +15,40 @@ import time
 import torch
 import torch.nn.functional as F
 
-from trainer import precision
 from trainer.config import load_config
-from trainer.engine import build_ds_config, build_engine, init_distributed
+from trainer.distributed import init_distributed
+from trainer.engine import build_ds_config, build_engine, check_engine_supported
 from trainer.model import build_model
 from trainer.optim import build_optimizer, peak_lr
+from trainer.plan import RunPlan
 
 
 def run(name: str, args) -> dict:
-    cfg = load_config("tf_efficientnet_b0", [f"model.name={args.model}", f"train.precision={name}",
+    cfg = load_config("tf_efficientnet_b0", [f"model.name={args.model}", f"engine.precision={name}",
                                              f"train.micro_batch={args.batch}", "data.path=unused",
-                                             f"train.allow_cpu_fp16={args.allow_cpu_fp16}"])
-    precision.check_precision_supported(cfg.train.precision, cfg.train.allow_cpu_fp16)
+                                             f"engine.allow_cpu_fp16={args.allow_cpu_fp16}"])
+    check_engine_supported(cfg.engine)
+    plan = RunPlan.build(cfg.train, cfg.checkpoint, 0.0, world_size=1, train_images=args.batch * args.steps,
+                         micro_batches_per_epoch=args.steps)
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=1000)
     from deepspeed.accelerator import get_accelerator
     device = torch.device(get_accelerator().device_name(0))
     model.to(device)
-    optimizer = build_optimizer(cfg.optim, model, lr=peak_lr(cfg.optim, args.batch), log=lambda line: None)
-    engine, guard = build_engine(model, optimizer, build_ds_config(cfg.train, 1), cfg.train)
-    dtype = next(engine.module.parameters()).dtype
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device).to(dtype)
+    optimizer = build_optimizer(cfg.optim, model, lr=peak_lr(cfg.optim, plan.global_batch))
+    engine = build_engine(model, optimizer, build_ds_config(cfg.engine, plan), cfg.engine)
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device).to(engine.input_dtype)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
     trace, timed_from, started = [], args.steps // 3, None
     for step in range(args.steps):
         if step == timed_from:
             get_accelerator().synchronize()
             started = time.perf_counter()
-        scale = precision.loss_scale(engine)
         loss = F.cross_entropy(engine(images).float(), labels)
-        precision.backward(engine, loss)
-        engine.step()
-        outcome = precision.step_outcome(engine, guard, scale)
-        if not outcome.applied or (trace and trace[-1][1] != scale) or not trace:
-            trace.append((step, scale, outcome.applied))
+        engine.backward(loss)
+        outcome = engine.step(step + 1)  # what the trainer's train step does, without data or EMA
+        if not outcome.applied or (trace and trace[-1][1] != outcome.loss_scale) or not trace:
+            trace.append((step, outcome.loss_scale, outcome.applied))
     get_accelerator().synchronize()
     seconds = time.perf_counter() - started
     return {"precision": name, "images_per_s": (args.steps - timed_from) * args.batch / seconds,

@@ -69,3 +69,13 @@ def corrupt_tree(root, each: int = 1):
         text.write_text("this is a text file, not a JPEG\n")
         bad += [str(truncated), str(text)]
     return tree, bad
+
+
+def batch_plan(micro_batch: int, grad_accum: int = 1, world_size: int = 1):
+    """A RunPlan for engine-level tests that need only the batch arithmetic (ten steps per epoch)."""
+    from trainer.config import CheckpointConfig, TrainConfig
+    from trainer.plan import RunPlan
+
+    return RunPlan.build(TrainConfig(micro_batch=micro_batch, grad_accum=grad_accum), CheckpointConfig(), 0.0,
+                         world_size, train_images=10 * micro_batch * grad_accum * world_size,
+                         micro_batches_per_epoch=10 * grad_accum)

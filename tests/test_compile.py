@@ -20,7 +20,7 @@ def summary_of(run_dir):
 @pytest.mark.parametrize("setting", ["model", "engine"])
 def test_compiled_run_trains_and_train_and_eval_do_not_recompile_each_other(cli, tmp_path, setting):
     # two epochs: train, eval, train, eval, so each mode runs again after the other
-    result = cli("train", "--recipe", "demo", "--run-dir", "run", *TWO_EVALS, f"train.compile={setting}",
+    result = cli("train", "--recipe", "demo", "--run-dir", "run", *TWO_EVALS, f"compile.target={setting}",
                  env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_of(tmp_path / "run")
@@ -35,13 +35,13 @@ def test_compiled_run_trains_and_train_and_eval_do_not_recompile_each_other(cli,
 def test_compiled_checkpoint_resumes_eagerly_with_the_same_keys(cli, tmp_path):
     """nn.Module.compile works in place: the checkpoint's keys are the eager model's, and the
     execution settings (compile, channels_last) may change when a run resumes."""
-    first = cli("train", "--recipe", "demo", "--run-dir", "run", *TWO_EVALS, "train.compile=model",
+    first = cli("train", "--recipe", "demo", "--run-dir", "run", *TWO_EVALS, "compile.target=model",
                 "--stop-at-step", "50", env={"OMP_NUM_THREADS": "1"})
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = next((tmp_path / "run" / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))
     keys = list(torch.load(ckpt, map_location="cpu", weights_only=False)["module"])
     assert keys and not any("_orig_mod" in k for k in keys)
-    second = cli("train", "--recipe", "demo", "--run-dir", "run", *TWO_EVALS, "train.channels_last=true",
+    second = cli("train", "--recipe", "demo", "--run-dir", "run", *TWO_EVALS, "compile.channels_last=true",
                  "--resume", env={"OMP_NUM_THREADS": "1"})
     assert second.returncode == 0, second.stderr[-3000:]
     summary = summary_of(tmp_path / "run")
@@ -99,8 +99,8 @@ SYNC_COUNTER = textwrap.dedent("""
 
     steps = int(sys.argv[1])
     cfg = load_config("demo", ["model.name=test_efficientnet", "data.image_size=16", "train.micro_batch=16",
-                               "train.precision=bf16", f"train.max_steps={steps}", f"train.log_every_steps={steps}",
-                               "train.eval_every_epochs=1000", "train.checkpoint_every_epochs=1000",
+                               "engine.precision=bf16", f"train.max_steps={steps}", f"train.log_every_steps={steps}",
+                               "train.eval_every_epochs=1000", "checkpoint.every_epochs=1000",
                                "wandb.mode=disabled"])
     fit(cfg, Path(tempfile.mkdtemp()) / "run", None)
     print(json.dumps(counts))
@@ -123,11 +123,11 @@ def test_steps_between_logging_steps_read_no_tensor_values():
 
 def test_ema_is_compiled_for_eval_only_once_the_evals_to_come_cost_more_than_compiling():
     from trainer.compiled import EmaEvalCompile
-    from trainer.config import TrainConfig
+    from trainer.config import CompileConfig
 
     module = torch.nn.Linear(2, 2)
-    assert not EmaEvalCompile(TrainConfig(compile="off")).consider(module, 10.0, 100, 1.0)  # never without compile
-    policy = EmaEvalCompile(TrainConfig(compile="model"))
+    assert not EmaEvalCompile(CompileConfig(target="off")).consider(module, 10.0, 100, 1.0)  # never without compile
+    policy = EmaEvalCompile(CompileConfig(target="model"))
     assert not policy.consider(module, eval_seconds=2.0, evals_left=40, compile_seconds=90.0)  # 80 s < 90 s
     assert not hasattr(module, "_compiled_call_impl") or module._compiled_call_impl is None
     assert policy.consider(module, eval_seconds=2.0, evals_left=50, compile_seconds=90.0)  # 100 s > 90 s

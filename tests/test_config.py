@@ -15,8 +15,8 @@ def test_demo_recipe_loads_with_overrides():
     ("nosuch.key=1", "unknown config key 'nosuch'"),
     ("train.epochs=many", "config key 'train.epochs'"),
     ("optim.lr=-1", "config key 'optim.lr'"),
-    ("train.precision=fp8", "config key 'train.precision'"),
-    ("train.zero_stage=3", "config key 'train.zero_stage'"),
+    ("engine.precision=fp8", "config key 'engine.precision'"),
+    ("engine.zero_stage=3", "config key 'engine.zero_stage'"),
     ("train.epochs", "not key=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):

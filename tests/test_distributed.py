@@ -27,12 +27,12 @@ MICRO_BATCH = 16
 SAME_TRAINING = ["model.name=test_efficientnet", "data.image_size=16", "model.sync_bn=true",
                  "model.drop_rate=0", "model.drop_path_rate=0", "optim.name=sgd", "optim.lr=0.8",
                  "optim.wd_form=coupled", "optim.weight_decay=1e-5", "schedule.warmup_epochs=0",
-                 "train.ema_decay=0.5", "train.max_steps=4", "train.log_every_steps=1",
-                 "train.eval_every_epochs=100", "train.checkpoint_every_epochs=100"]
+                 "ema.decay=0.5", "train.max_steps=4", "train.log_every_steps=1",
+                 "train.eval_every_epochs=100", "checkpoint.every_epochs=100"]
 # a long run for the tests that signal or kill a rank mid-run
 LONG = ["model.name=test_efficientnet", "data.image_size=16", f"train.micro_batch={MICRO_BATCH}",
         "train.max_steps=10000", "train.log_every_steps=1", "train.eval_every_epochs=100",
-        "train.checkpoint_every_epochs=100", "wandb.mode=disabled"]
+        "checkpoint.every_epochs=100", "wandb.mode=disabled"]
 
 
 def free_port() -> int:
@@ -165,7 +165,7 @@ def test_two_ranks_with_syncbn_train_like_one_rank_with_the_global_batch(two_ran
     run2, _ = two_ranks
     one = run_cli("train", "--recipe", "demo", "--run-dir", "run", *SAME_TRAINING,
                   f"train.micro_batch={2 * MICRO_BATCH}", "wandb.mode=disabled",
-                  "train.checkpoint_every_epochs=0.05", cwd=tmp_path,  # 44 steps/epoch: also a step-2 checkpoint
+                  "checkpoint.every_epochs=0.05", cwd=tmp_path,  # 44 steps/epoch: also a step-2 checkpoint
                   env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-3000:]
     run1 = tmp_path / "run"
@@ -217,7 +217,7 @@ def test_corrupt_files_met_by_rank_1_only_are_counted_in_rank_0s_metrics(tmp_pat
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     log = tmp_path / "launch.log"
     # ZeRO 1: every rank writes its own optimizer partition, so the checkpoint shows who wrote it
-    launcher = start("--run-dir", "run", *LONG, "train.zero_stage=1", cwd=tmp_path, log=log)
+    launcher = start("--run-dir", "run", *LONG, "engine.zero_stage=1", cwd=tmp_path, log=log)
     try:
         wait_for_first_step(launcher, tmp_path / "run", log)
         rank_process(launcher, 1).send_signal(signal.SIGTERM)  # rank 1 only; rank 0 never sees a signal

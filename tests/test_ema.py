@@ -3,8 +3,8 @@ import torch
 
 from trainer.config import load_config
 from trainer.data.loaders import build_loaders
-from trainer.engine import build_ema
-from trainer.loop import evaluate
+from trainer.ema import build_ema
+from trainer.evaluate import evaluate
 from trainer.model import build_model
 
 
@@ -23,8 +23,8 @@ def perturb(model):
 
 
 def test_ema_decay_zero_copies_the_model_weights_and_buffers():
-    model, cfg = tiny_model_and_cfg("train.ema_decay=0", "train.ema_warmup=none")
-    ema = build_ema(model, cfg.train, "cpu")
+    model, cfg = tiny_model_and_cfg("ema.decay=0", "ema.warmup=none")
+    ema = build_ema(model, cfg.ema, "cpu")
     perturb(model)
     ema.update(model, step=100)
     for (name, a), b in zip(model.state_dict().items(), ema.module.state_dict().values()):
@@ -33,7 +33,7 @@ def test_ema_decay_zero_copies_the_model_weights_and_buffers():
 
 def test_ema_is_a_separate_fp32_copy():
     model, cfg = tiny_model_and_cfg()
-    ema = build_ema(model, cfg.train, "cpu")
+    ema = build_ema(model, cfg.ema, "cpu")
     model_ptrs = {t.data_ptr() for t in model.state_dict().values()}
     for name, tensor in ema.module.state_dict().items():
         assert tensor.data_ptr() not in model_ptrs, name
@@ -42,8 +42,8 @@ def test_ema_is_a_separate_fp32_copy():
 
 
 def test_evaluating_model_and_ema_in_either_order_gives_the_same_numbers():
-    model, cfg = tiny_model_and_cfg("train.ema_decay=0.5")
-    ema = build_ema(model, cfg.train, "cpu")
+    model, cfg = tiny_model_and_cfg("ema.decay=0.5")
+    ema = build_ema(model, cfg.ema, "cpu")
     perturb(model)
     ema.update(model, step=100)
     perturb(model)  # model and EMA now differ, in weights and BN stats
@@ -63,7 +63,7 @@ def test_evaluating_model_and_ema_in_either_order_gives_the_same_numbers():
 
 
 def test_tf_ema_decay_ramps_like_tf_num_updates():
-    model, cfg = tiny_model_and_cfg("train.ema_warmup=tf", "train.ema_decay=0.9999")
-    ema = build_ema(model, cfg.train, "cpu")
+    model, cfg = tiny_model_and_cfg("ema.warmup=tf", "ema.decay=0.9999")
+    ema = build_ema(model, cfg.ema, "cpu")
     for n in (0, 1, 10, 100, 10_000, 10**6):
         assert ema.get_decay(n) == min(0.9999, (1 + n) / (10 + n))

@@ -21,12 +21,12 @@ import torch
 from conftest import TINY, read_jsonl
 
 GOLDEN = Path(__file__).parent / "golden"
-COMMON = ["train.log_every_steps=1", "train.eval_every_epochs=0.15", "train.checkpoint_every_epochs=100",
+COMMON = ["train.log_every_steps=1", "train.eval_every_epochs=0.15", "checkpoint.every_epochs=100",
           "wandb.mode=disabled", "seed=3"]
 RUNS = {
     "demo_b0": ["train.max_steps=6", "train.micro_batch=48"],
-    "tiny_fp16": [*TINY, "train.max_steps=8", "train.precision=fp16", "train.allow_cpu_fp16=true"],
-    "tiny_zero2": [*TINY, "train.max_steps=6", "train.zero_stage=2", "train.grad_accum=2", "train.grad_clip=0.5"],
+    "tiny_fp16": [*TINY, "train.max_steps=8", "engine.precision=fp16", "engine.allow_cpu_fp16=true"],
+    "tiny_zero2": [*TINY, "train.max_steps=6", "engine.zero_stage=2", "train.grad_accum=2", "engine.grad_clip=0.5"],
 }
 # timings and compile counters vary run to run; everything else in a row is a number the run computed
 VOLATILE = {"images_per_s", "compiled_graphs", "recompiles"}

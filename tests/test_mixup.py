@@ -132,7 +132,7 @@ def test_a_resumed_run_redraws_the_same_augmentation_mixup_and_dropout(cli, tmp_
     RandAugment, flip, random erasing and TF mixup on (and dropout, whose numbers the loader's
     iterator must not shift)."""
     args = ["train", "--recipe", "demo", *TINY, "train.max_steps=4", "train.log_every_steps=1",
-            "train.checkpoint_every_epochs=1", "wandb.mode=disabled", "mixup.mode=tf", "data.hflip=0.5",
+            "checkpoint.every_epochs=1", "wandb.mode=disabled", "mixup.mode=tf", "data.hflip=0.5",
             "data.random_erasing=0.5", "data.auto_augment=rand-m9-mstd0.5"]
     for run in (["--run-dir", "whole"], ["--run-dir", "split", "--stop-at-step", "2"],
                 ["--run-dir", "split", "--resume"]):

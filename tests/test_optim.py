@@ -10,15 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO, TINY
-from trainer.config import ConfigError, ModelConfig, OptimConfig, TrainConfig, load_config
+from conftest import REPO, TINY, batch_plan
+from trainer.config import ConfigError, EngineConfig, ModelConfig, OptimConfig, load_config
 from trainer.engine import build_ds_config
 from trainer.model import build_model
 from trainer.optim import build_l2_penalty, build_optimizer, describe_decay, peak_lr, split_decay
-
-
-def quiet(_line):
-    pass
 
 
 def run_steps(optimizer, param, grads):
@@ -46,7 +42,7 @@ def test_rmsproptf_matches_tf_formulas():
     lr, decay, momentum, eps = 0.016, 0.9, 0.9, 1e-3
     model = single_tensor_model(p0)
     cfg = OptimConfig(name="rmsproptf", lr=lr, momentum=momentum, alpha=decay, eps=eps, weight_decay=0)
-    ours = run_steps(build_optimizer(cfg, model, lr, log=quiet), model.w, grads)
+    ours = run_steps(build_optimizer(cfg, model, lr), model.w, grads)
 
     # TF's ApplyRMSProp (training_ops): ms starts at 1, eps inside the sqrt, lr inside the momentum
     p, ms, mom = p0.astype(np.float64), np.ones_like(p0, dtype=np.float64), np.zeros_like(p0, dtype=np.float64)
@@ -67,7 +63,7 @@ def test_torch_rmsprop_is_not_tf_first_step_is_huge():
     for name in ("rmsproptf", "rmsprop"):
         model = single_tensor_model(p0)
         cfg = OptimConfig(name=name, lr=0.016, weight_decay=0)
-        steps[name] = np.abs(run_steps(build_optimizer(cfg, model, 0.016, log=quiet), model.w, [g])[0] - p0)
+        steps[name] = np.abs(run_steps(build_optimizer(cfg, model, 0.016), model.w, [g])[0] - p0)
     tf_first = 0.016 * np.abs(g) / np.sqrt(0.9 + 0.1 * g.astype(np.float64) ** 2 + 1e-3)
     np.testing.assert_allclose(steps["rmsproptf"], tf_first, rtol=1e-4, atol=1e-9)
     assert np.median(steps["rmsprop"] / steps["rmsproptf"]) > 100
@@ -79,8 +75,7 @@ def test_sgd_nesterov_is_explicit():
     after = {}
     for nesterov in (False, True):
         model = single_tensor_model(p0)
-        opt = build_optimizer(OptimConfig(name="sgd", lr=0.1, nesterov=nesterov, weight_decay=0), model, 0.1,
-                              log=quiet)
+        opt = build_optimizer(OptimConfig(name="sgd", lr=0.1, nesterov=nesterov, weight_decay=0), model, 0.1)
         assert opt.param_groups[0]["nesterov"] is nesterov
         after[nesterov] = run_steps(opt, model.w, [g, g])[-1]
     # two steps of the same g: buf = g then 1.9 g; plain moves 2.9 g, Nesterov (g + 0.9 buf) 1.9 g + 2.71 g
@@ -138,7 +133,7 @@ def test_which_b0_params_receive_decay(b0, policy):
         assert not any(n.endswith(".bias") for n in decayed)
 
     # the optimizer gets exactly these two groups, the decay one with the coupled weight_decay
-    opt = build_optimizer(OptimConfig(weight_decay=1e-5, wd_params=policy), b0, 0.1, log=quiet)
+    opt = build_optimizer(OptimConfig(weight_decay=1e-5, wd_params=policy), b0, 0.1)
     by_wd = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert by_wd[1e-5] == {id(p) for _, p in decay}
     assert by_wd.get(0.0, set()) == {id(p) for _, p in no_decay}
@@ -152,13 +147,13 @@ def test_bn_found_by_module_type_not_name():
     assert decayed == {"0.weight", "0.bias"}
 
 
-def test_decay_groups_are_logged(b0, capsys):
+def test_decay_groups_are_described_in_one_line(b0):
+    """The line a run logs (test_l2_loss_run_through_the_cli sees it in a run's output)."""
     cfg = OptimConfig(weight_decay=1e-5, wd_form="l2_loss", wd_params="no_bn")
-    build_optimizer(cfg, b0, 0.1)
-    line = capsys.readouterr().out.strip()
+    line = describe_decay(cfg, b0)
     n_bn = sum(1 for n, _ in b0.named_parameters() if BN_NAME.search(n))
     n_bn_params = sum(p.numel() for n, p in b0.named_parameters() if BN_NAME.search(n))
-    assert line == describe_decay(cfg, b0)
+    assert "\n" not in line
     assert f"no decay {n_bn} tensors / {n_bn_params:,} params" in line and "l2_loss, no_bn" in line
 
 
@@ -198,7 +193,7 @@ def test_decay_forms_follow_their_formulas(form):
     start = {n: p.detach().numpy().astype(np.float64) for n, p in model.named_parameters()}
     grads = {n: np.random.default_rng(i).normal(size=p.shape) for i, (n, p) in enumerate(model.named_parameters())}
     cfg = OptimConfig(name="sgd", momentum=0.9, lr=lr, weight_decay=wd, wd_form=form, wd_params="no_bn")
-    opt = build_optimizer(cfg, model, lr, log=quiet)
+    opt = build_optimizer(cfg, model, lr)
     for n, p in model.named_parameters():
         p.grad = torch.tensor(grads[n], dtype=torch.float32)
     opt.step()
@@ -221,7 +216,7 @@ def test_adamw_decoupled_lr_is_torch_adamw():
     ref.load_state_dict(ours.state_dict())
     cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, wd_form="decoupled_lr", wd_params="all")
     assert cfg.eps == 1e-8  # filled in from the name
-    opt = build_optimizer(cfg, ours, 1e-2, log=quiet)
+    opt = build_optimizer(cfg, ours, 1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8)
     for step in range(3):
         for model in (ours, ref):
@@ -236,9 +231,11 @@ def test_adamw_decoupled_lr_is_torch_adamw():
 DS_SCRIPT = r"""
 import json, sys
 import deepspeed, torch, torch.nn as nn
-from trainer.config import OptimConfig, TrainConfig
-from trainer.engine import build_ds_config, init_distributed
+from trainer.config import CheckpointConfig, EngineConfig, OptimConfig, TrainConfig
+from trainer.distributed import init_distributed
+from trainer.engine import build_ds_config
 from trainer.optim import build_optimizer, set_lr
+from trainer.plan import RunPlan
 
 init_distributed()
 out = {}
@@ -249,8 +246,10 @@ for stage in (0, 1):
         nn.init.normal_(model[1].bias)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         cfg = OptimConfig(name="rmsproptf", lr=0.5, weight_decay=0.01, wd_form=form, wd_params="no_bn")
-        optimizer = build_optimizer(cfg, model, lr=0.5, log=lambda line: None)
-        ds = build_ds_config(TrainConfig(micro_batch=2, zero_stage=stage), world_size=1)
+        optimizer = build_optimizer(cfg, model, lr=0.5)
+        plan = RunPlan.build(TrainConfig(micro_batch=2), CheckpointConfig(), 0.0, 1, train_images=20,
+                             micro_batches_per_epoch=10)
+        ds = build_ds_config(EngineConfig(zero_stage=stage), plan)
         ds["zero_allow_untested_optimizer"] = True  # our optimizer classes are not on DeepSpeed's list
         engine = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)[0]
         set_lr(optimizer, 0.25)  # the trainer sets the lr on the client optimizer each step
@@ -284,7 +283,7 @@ def test_decoupled_decay_through_deepspeed():
 def test_optimizer_lr_follows_global_batch(scaling):
     """world 2 x micro 32 x accum 4 = 256 images per step: the base lr, whatever the per-GPU batch."""
     cfg = OptimConfig(lr=0.016, lr_base_batch=256, lr_scaling=scaling)
-    ds = build_ds_config(TrainConfig(micro_batch=32, grad_accum=4), world_size=2)
+    ds = build_ds_config(EngineConfig(), batch_plan(micro_batch=32, grad_accum=4, world_size=2))
     assert ds["train_batch_size"] == 256
     assert peak_lr(cfg, ds["train_batch_size"]) == pytest.approx(0.016)
     assert peak_lr(cfg, 32) != pytest.approx(0.016)  # the per-GPU batch would give base / 8 (or / sqrt 8)

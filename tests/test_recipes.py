@@ -99,7 +99,7 @@ def test_tf_recipe_settings(n):
     assert (s.name, s.decay_rate, s.decay_epochs) == ("tf_staircase", 0.97, 2.4)
     assert (s.warmup_epochs, s.warmup_form, s.warmup_start_lr, s.warmup_in_decay_clock) == (5, "linear", 0.0, True)
     assert cfg.loss.label_smoothing == 0.1 and cfg.mixup.mode == "off"
-    assert cfg.train.epochs == 350 and cfg.train.ema_decay == 0.9999
+    assert cfg.train.epochs == 350 and cfg.ema.decay == 0.9999
     d = cfg.data
     assert d.source == "imagefolder" and d.auto_augment == "v0" and d.aa_order == "after_crop"
     assert int(d.image_size * d.aa_translate_pct) == 250  # TF translates by up to 250 px at every size
@@ -210,21 +210,21 @@ def test_notes_row_1_is_the_recipe_and_rows_accumulate():
     assert cfg(2).schedule.name == "cosine" and cfg(2).loss.label_smoothing == 0
     assert cfg(3).schedule.name == "cosine" and cfg(3).loss.label_smoothing == 0.1
     assert cfg(4).data.crop_pct == 0.875 and cfg(3).data.crop_pct == 1.0
-    assert (cfg(5).train.precision, cfg(5).loss.smoothing_impl) == ("fp16", "log_of_softmax_unstable")
-    assert (cfg(6).train.precision, cfg(6).loss.smoothing_impl) == ("fp16", "log_softmax")
-    assert cfg(7).train.precision == "fp32"
+    assert (cfg(5).engine.precision, cfg(5).loss.smoothing_impl) == ("fp16", "log_of_softmax_unstable")
+    assert (cfg(6).engine.precision, cfg(6).loss.smoothing_impl) == ("fp16", "log_softmax")
+    assert cfg(7).engine.precision == "fp32"
     assert [cfg(r).train.micro_batch * 8 for r in (9, 10, 11, 12)] == [256, 1024, 2048, 1024]
     r13 = cfg(13)
     assert (r13.optim.name, r13.optim.weight_decay, r13.optim.wd_form, r13.optim.wd_params) == \
            ("sgd", 2e-5, "coupled", "all")
-    assert (r13.train.precision, r13.loss.label_smoothing, r13.data.crop_pct) == ("fp16", 0.1, 0.875)
+    assert (r13.engine.precision, r13.loss.label_smoothing, r13.data.crop_pct) == ("fp16", 0.1, 0.875)
     assert cfg(14).optim.name == "rmsprop" and cfg(37).optim.name == "rmsproptf"
     assert cfg(15).train.epochs == 200 and cfg(17).train.epochs == 100
     assert cfg(17).schedule.warmup_form == "exponential" and cfg(18).schedule.warmup_form == "linear"
     assert [cfg(r).model.init for r in (18, 19, 20, 21)] == ["torch", "tf", "torch", "tf"]
     assert [cfg(r).optim.wd_form for r in (21, 22, 25, 30, 31)] == \
            ["coupled", "l2_loss", "decoupled", "l2_loss", "coupled"]
-    assert [cfg(r).train.precision for r in (22, 23, 24, 25)] == ["fp32", "fp16", "fp32", "fp16"]
+    assert [cfg(r).engine.precision for r in (22, 23, 24, 25)] == ["fp32", "fp16", "fp32", "fp16"]
     assert settings(cfg(26)) == settings(r13)  # part 3 starts again from row 13
     assert cfg(28).loss.label_smoothing == 0 and cfg(29).loss.label_smoothing == 0.1
     assert cfg(32).optim.wd_params == "no_bn_no_bias" and cfg(33).train.micro_batch == 2 * cfg(32).train.micro_batch
@@ -307,8 +307,8 @@ def test_cifar10_short_run_on_the_shared_jpegs(tmp_path):
 @pytest.mark.parametrize("variant, extra", [
     ("notes/3", []),                                     # SGD, cosine, label smoothing, fp32
     ("notes/22", []),                                    # torch RMSprop, TF init, linear warmup, L2 loss term
-    ("notes/42", ["train.allow_cpu_fp16=true"]),          # RMSpropTF fp16, CJ + RE, warmup from 1e-6, zero-init
-    ("plan/aa-before-crop", ["train.allow_cpu_fp16=true"]),  # TF's AutoAugment v0 (its 0-bit Posterize included)
+    ("notes/42", ["engine.allow_cpu_fp16=true"]),          # RMSpropTF fp16, CJ + RE, warmup from 1e-6, zero-init
+    ("plan/aa-before-crop", ["engine.allow_cpu_fp16=true"]),  # TF's AutoAugment v0 (its 0-bit Posterize included)
 ])
 def test_notes_variant_short_run_on_digits(variant, extra, tmp_path):
     result = run_cli("train", "--recipe", "notes_b0", "--variant", variant, "--run-dir", "run", *SHORT,
@@ -328,7 +328,7 @@ def test_every_recipe_and_variant_trains_its_first_steps(recipe, tmp_path):
     variants = ["", "all"] if read_recipe(recipe).get("variants") else [""]
     for spec in variants:
         result = run_cli("sweep", "--recipe", recipe, *(["--variants", spec] if spec else []), "--sweep-dir",
-                         "sweep", *TINY, "data.source=digits", "train.max_steps=2", "train.allow_cpu_fp16=true",
+                         "sweep", *TINY, "data.source=digits", "train.max_steps=2", "engine.allow_cpu_fp16=true",
                          "data.num_workers=0", "wandb.mode=disabled", cwd=tmp_path, timeout=1800)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summaries = [json.loads(path.read_text()) for path in (tmp_path / "sweep").glob("*/summary.json")]

@@ -69,7 +69,7 @@ def summary(run: Path) -> dict:
 # -- 1. SIGTERM / SIGINT: checkpoint at the next step boundary, status interrupted, exit 0; kill -9
 
 LONG = [*TINY, *QUIET, "train.micro_batch=32", "train.epochs=2", "train.log_every_steps=1",
-        "train.eval_every_epochs=1", "train.checkpoint_every_epochs=1"]  # 44 steps/epoch, 88 steps
+        "train.eval_every_epochs=1", "checkpoint.every_epochs=1"]  # 44 steps/epoch, 88 steps
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -97,7 +97,7 @@ def test_signal_checkpoints_at_the_next_step_and_resume_finishes(tmp_path, sig):
 def test_kill_9_loses_only_the_work_since_the_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = [*TINY, *QUIET, "train.micro_batch=32", "train.epochs=1", "train.log_every_steps=1",
-            "train.eval_every_epochs=0.5", "train.checkpoint_every_epochs=0.25"]  # 44 steps, checkpoint every 11
+            "train.eval_every_epochs=0.5", "checkpoint.every_epochs=0.25"]  # 44 steps, checkpoint every 11
     proc = start_cli("train", "--recipe", "demo", "--run-dir", run, *args, cwd=tmp_path)
     # killed with steps logged past its last checkpoint: those are the work it may lose
     wait_for(lambda: latest(run) and logged_steps(run) and logged_steps(run)[-1] > int(latest(run)[4:]) + 2, proc)
@@ -119,8 +119,8 @@ def test_kill_9_loses_only_the_work_since_the_last_checkpoint(tmp_path):
 
 # dropout, drop path, random erasing, mixup/cutmix and flips all on: every random number must be redrawn
 EXACT = [*TINY, *QUIET, "train.micro_batch=128", "train.epochs=2", "train.log_every_steps=2",
-         "train.eval_every_epochs=0.25", "train.checkpoint_every_epochs=0.5", "train.keep_checkpoints=1",
-         "train.keep_best=ema_top1", "model.drop_rate=0.2", "model.drop_path_rate=0.2",
+         "train.eval_every_epochs=0.25", "checkpoint.every_epochs=0.5", "checkpoint.keep=1",
+         "checkpoint.keep_best=ema_top1", "model.drop_rate=0.2", "model.drop_path_rate=0.2",
          "data.hflip=0.5", "data.random_erasing=0.5", "mixup.mode=batch", "mixup.alpha=0.2",
          "mixup.cutmix_alpha=1.0"]  # 1,438 train images / 128 = 11 steps per epoch, 22 steps
 TIMING = {"images_per_s"}
@@ -188,7 +188,7 @@ sys.exit(main(sys.argv[1:]))
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     args = ["train", "--recipe", "demo", "--run-dir", "run", *TINY, *QUIET, "train.micro_batch=32",
             "train.max_steps=12", "train.log_every_steps=1", "train.eval_every_epochs=0.1",
-            "train.checkpoint_every_epochs=0.1", "train.keep_checkpoints=1"]  # a checkpoint every 4 steps
+            "checkpoint.every_epochs=0.1", "checkpoint.keep=1"]  # a checkpoint every 4 steps
     env = {k: v for k, v in os.environ.items() if k not in GROUP_VARIABLES}
     crashed = subprocess.run([sys.executable, "-c", CRASH_ON_SECOND_SAVE, *args], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)
@@ -244,17 +244,17 @@ RESUME = ["--run-dir", "run", "--resume", *TINY, *QUIET, "train.micro_batch=32",
 BAD_INPUT = {
     "unknown key": (["--run-dir", "run", "--resume", "train.epochz=3"], "unknown config key 'train.epochz'"),
     "mistyped value": ([*RESUME, "train.epochs=soon"], "config key 'train.epochs'"),
-    "value out of range": ([*RESUME, "train.keep_checkpoints=0"], "config key 'train.keep_checkpoints'"),
-    "unknown choice": ([*RESUME, "train.keep_best=top7"], "config key 'train.keep_best'"),
+    "value out of range": ([*RESUME, "checkpoint.keep=0"], "config key 'checkpoint.keep'"),
+    "unknown choice": ([*RESUME, "checkpoint.keep_best=top7"], "config key 'checkpoint.keep_best'"),
     "data folder missing": ([*RESUME, "data.source=imagefolder", "data.path=nowhere"],
                             "data folder nowhere does not exist"),
     "data folder empty": ([*RESUME, "data.source=imagefolder", "data.path=empty"], "class folder"),
     "no class folders": ([*RESUME, "data.source=imagefolder", "data.path=no_classes"], "class folder"),
     "class folder without images": ([*RESUME, "data.source=imagefolder", "data.path=no_images"],
                                     "no valid file for the classes cat"),
-    "fp16 on the CPU": ([*RESUME, "train.precision=fp16"], "train.allow_cpu_fp16=true"),
-    "DeepSpeed config does not parse": ([*RESUME, "train.ds_config=broken.json"], "broken.json: not valid JSON"),
-    "DeepSpeed config contradicts the batch": ([*RESUME, "train.ds_config=contradicts.json"],
+    "fp16 on the CPU": ([*RESUME, "engine.precision=fp16"], "engine.allow_cpu_fp16=true"),
+    "DeepSpeed config does not parse": ([*RESUME, "engine.ds_config=broken.json"], "broken.json: not valid JSON"),
+    "DeepSpeed config contradicts the batch": ([*RESUME, "engine.ds_config=contradicts.json"],
                                                "train_micro_batch_size_per_gpu=7 contradicts the trainer's "
                                                "train.micro_batch=32"),
     "--resume without a run": (["--run-dir", "nothing_here", "--resume", *TINY, *QUIET],

@@ -12,9 +12,9 @@ from trainer.config import load_config
 FAST = [*TINY, "wandb.mode=disabled"]
 # two notes rows x two seeds on the embedded digits, a few steps each: about 7 s a run
 SWEEP = ["sweep", "--recipe", "notes_b0", "--variants", "notes/1,notes/3", "--seeds", "2", "--sweep-dir", "sweep",
-         "data.source=digits", "data.num_workers=0", "train.precision=fp32", "train.max_steps=6",
+         "data.source=digits", "data.num_workers=0", "engine.precision=fp32", "train.max_steps=6",
          "train.eval_every_epochs=0.05", *FAST]
-HEALTHY = ["train", "--recipe", "demo", "--run-dir", "healthy", "train.precision=fp16", "train.allow_cpu_fp16=true",
+HEALTHY = ["train", "--recipe", "demo", "--run-dir", "healthy", "engine.precision=fp16", "engine.allow_cpu_fp16=true",
            "train.max_steps=8", "train.log_every_steps=1", *FAST]
 COLLAPSED = ["train", "--recipe", "demo", "--variant", "fp16-rmsprop-collapse", "--run-dir", "collapsed",
              "train.log_every_steps=1", *FAST]
@@ -86,7 +86,7 @@ def test_a_missing_run_directory_is_a_one_line_error_and_writes_nothing(report):
 
 def fake_run(run_dir, variant, seed, precision, status, top1):
     """A run directory as the trainer leaves it (config.yaml, summary.json, metrics.jsonl), without training."""
-    config = load_config("notes_b0", [f"seed={seed}", f"train.precision={precision}", "data.source=digits"],
+    config = load_config("notes_b0", [f"seed={seed}", f"engine.precision={precision}", "data.source=digits"],
                          variant=variant).to_dict()
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))

@@ -11,7 +11,7 @@ import yaml
 from conftest import GROUP_VARIABLES, TINY, read_jsonl
 
 SHORT = [*TINY, "train.max_steps=6", "train.log_every_steps=2", "train.eval_every_epochs=0.1",
-         "train.checkpoint_every_epochs=0.1", "wandb.mode=offline"]
+         "checkpoint.every_epochs=0.1", "wandb.mode=offline"]
 
 
 def wandb_records(run_dir: Path) -> list[dict]:

@@ -15,7 +15,7 @@ back to the newest complete tag. DeepSpeed's own `save_latest` writes `latest`
 in place (open, write): a crash there leaves it empty, so we write it ourselves.
 
 Kept: the last `keep` tags, plus the best by the configured metric
-(train.keep_best), named in best.json and never pruned.
+(checkpoint.keep_best), named in best.json and never pruned.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .distributed import barrier
 from .track import write_text_atomic
 
 MANIFEST = "manifest.json"
@@ -100,11 +101,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, is_main: bool,
          best: Optional[dict] = None) -> str:
     """All ranks call this (each writes its ZeRO partition); rank 0 commits and prunes.
@@ -123,7 +119,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, is_ma
     if is_main:
         _commit(ckpt_dir, tmp_tag, tag, step, best)
         _prune(ckpt_dir, keep)
-    _barrier()  # nobody moves on before the checkpoint is in place
+    barrier()  # nobody moves on before the checkpoint is in place
     return tag
 
 

@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     bench_train.add_argument("--channels-last", action="store_true")
     bench_train.add_argument("--compile", choices=("model", "engine"), default="model",
-                             help="the compiled row's train.compile (default model)")
-    bench_train.add_argument("--compile-mode", default="default", help="train.compile_mode (default: default)")
+                             help="the compiled row's compile.target (default model)")
+    bench_train.add_argument("--compile-mode", default="default", help="compile.mode (default: default)")
     bench_train.add_argument("--modes", default="bare,eager,compiled",
                              help="rows to run, in order (default bare,eager,compiled)")
     return parser

@@ -1,13 +1,12 @@
-"""torch.compile in the trainer (train.compile): the model, or DeepSpeed's engine, compiled in place;
+"""torch.compile in the trainer (compile.target): the model, or DeepSpeed's engine, compiled in place;
 compilations counted, so a run that keeps recompiling says so; the EMA compiled for eval only once
 that pays."""
 from __future__ import annotations
 
-import sys
-
 import torch.nn as nn
 
-from .config import TrainConfig
+from . import log
+from .config import CompileConfig
 
 
 def compiled_graphs() -> int:
@@ -17,16 +16,17 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def compile_model(model: nn.Module, cfg: TrainConfig) -> None:
-    """compile=model, before DeepSpeed wraps it. nn.Module.compile works in place: the state_dict
+def compile_model(model: nn.Module, cfg: CompileConfig) -> None:
+    """compile.target=model, before DeepSpeed wraps it. nn.Module.compile works in place: the state_dict
     keeps its keys, so checkpoints load into an eager model and back."""
-    if cfg.compile == "model":
-        model.compile(mode=cfg.compile_mode)
+    if cfg.target == "model":
+        model.compile(mode=cfg.mode)
 
 
-def compile_engine(engine, cfg: TrainConfig) -> None:
-    if cfg.compile == "engine":
-        engine.compile(compile_kwargs={"mode": cfg.compile_mode})
+def compile_engine(engine, cfg: CompileConfig) -> None:
+    """compile.target=engine: DeepSpeed's engine.compile()."""
+    if cfg.target == "engine":
+        engine.compile(compile_kwargs={"mode": cfg.mode})
 
 
 class RecompileWatch:
@@ -60,18 +60,17 @@ class RecompileWatch:
     def check(self, step: int) -> None:
         if self.recompiles() and not self.warned:
             self.warned = True
-            print(f"warning: torch.compile built {self.recompiles()} new graph(s) after warm-up (by step {step}): "
-                  f"a shape or a guard changes between steps (TORCH_LOGS=recompiles names it)",
-                  file=sys.stderr, flush=True)
+            log.warning(f"torch.compile built {self.recompiles()} new graph(s) after warm-up (by step {step}): "
+                        f"a shape or a guard changes between steps (TORCH_LOGS=recompiles names it)")
 
 
 class EmaEvalCompile:
     """The EMA model is only evaluated. Compiling it costs about what compiling the training step
     did; it pays once the eager EMA evaluations still to come would take longer than that."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.enabled = cfg.compile != "off"
-        self.mode = cfg.compile_mode
+    def __init__(self, cfg: CompileConfig):
+        self.enabled = cfg.target != "off"
+        self.mode = cfg.mode
         self.compiled = False
 
     def consider(self, ema_module: nn.Module, eval_seconds: float, evals_left: int, compile_seconds: float) -> bool:

@@ -185,6 +185,7 @@ class ScheduleConfig(Section):
 
 
 class TrainConfig(Section):
+    """How long, how big a batch, how often to log and evaluate."""
     epochs: float = Field(10, gt=0)
     # lengths in epochs (train.epochs, the schedule's warmup and decay) count epochs of
     # epoch_scale x the data: a recipe's schedule, shape kept, in fewer passes (the notes' 350-epoch
@@ -193,39 +194,94 @@ class TrainConfig(Section):
     max_steps: Optional[int] = Field(None, ge=1)  # stop after this many optimizer steps
     micro_batch: int = Field(64, ge=1)  # per process, per forward
     grad_accum: int = Field(1, ge=1)
-    grad_clip: float = Field(0.0, ge=0)  # 0 = off; DeepSpeed clips the unscaled gradients
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # DeepSpeed refuses fp16 on a CPU without fast fp16 kernels; this lets it run there (slowly)
-    allow_cpu_fp16: bool = False
-    # a run whose steps keep being skipped for non-finite gradients has collapsed: stop it
-    max_consecutive_skips: int = Field(25, ge=1)
-    zero_stage: Literal[0, 1, 2] = 0
-    # off; model: torch.compile of the model in place (nn.Module.compile: checkpoints keep their keys);
-    # engine: DeepSpeed's engine.compile() (the same in-place compile, or DeepCompile when ds_config
-    # enables it). Train and eval each compile once; recompilations are counted in the metrics.
-    compile: Literal["off", "model", "engine"] = "off"
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    # NHWC inputs, so activations are NHWC end to end (cuDNN's fast tensor-core kernels in fp16/bf16).
-    # The weights stay NCHW: DeepSpeed's initial broadcast views each parameter as bytes (refused for
-    # a channels_last tensor) and ZeRO 1/2 flatten them; a convolution converts its small weight itself.
-    channels_last: bool = False
-    _yaml_off = field_validator("compile", mode="before")(lambda value: yaml_off(value))
-    ds_config: str = "ds_configs/base.json"
-    ema_decay: float = Field(0.9999, ge=0, le=1)
-    # how the EMA decay ramps up early in the run: none (flat); timm (ModelEmaV3's warmup);
-    # tf (TF's ExponentialMovingAverage with num_updates: min(decay, (1 + n) / (10 + n)))
-    ema_warmup: Literal["none", "timm", "tf"] = "none"
+    # the global batch, stated instead of grad_accum: accumulation = global_batch / (world x micro_batch),
+    # which must divide; the lr then scales with this batch whatever the machine (trainer/plan.py)
+    global_batch: Optional[int] = Field(None, ge=1)
     eval_every_epochs: float = Field(1.0, gt=0)
     log_every_steps: int = Field(10, ge=1)
-    checkpoint_every_epochs: float = Field(1.0, gt=0)
-    keep_checkpoints: int = Field(2, ge=1)
     # a collective that waits longer than this raises on every rank still alive (a dead or stuck
     # rank then ends the run with an error instead of a hang); it also bounds the slowest rank's
     # checkpoint or evaluation, so leave minutes on a real run
     collective_timeout_s: float = Field(1800.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_way_to_accumulate(self):
+        if self.global_batch is not None and self.grad_accum != 1:
+            raise ValueError("set train.global_batch or train.grad_accum, not both "
+                             "(accumulation is derived from the global batch)")
+        return self
+
+
+class EngineConfig(Section):
+    """The DeepSpeed engine: precision, ZeRO, clipping, and when a run counts as collapsed."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # DeepSpeed refuses fp16 on a CPU without fast fp16 kernels; this lets it run there (slowly)
+    allow_cpu_fp16: bool = False
+    zero_stage: Literal[0, 1, 2] = 0
+    grad_clip: float = Field(0.0, ge=0)  # 0 = off; DeepSpeed clips the unscaled gradients
+    # a DeepSpeed JSON; the trainer fills in batch, clipping, precision and ZeRO stage (ds_configs/README.md)
+    ds_config: str = "ds_configs/base.json"
+    # a run whose steps keep being skipped for non-finite gradients has collapsed: stop it
+    max_consecutive_skips: int = Field(25, ge=1)
+
+
+class CompileConfig(Section):
+    # off; model: torch.compile of the model in place (nn.Module.compile: checkpoints keep their keys);
+    # engine: DeepSpeed's engine.compile() (the same in-place compile, or DeepCompile when ds_config
+    # enables it). Train and eval each compile once; recompilations are counted in the metrics.
+    target: Literal["off", "model", "engine"] = "off"
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # NHWC inputs, so activations are NHWC end to end (cuDNN's fast tensor-core kernels in fp16/bf16).
+    # The weights stay NCHW: DeepSpeed's initial broadcast views each parameter as bytes (refused for
+    # a channels_last tensor) and ZeRO 1/2 flatten them; a convolution converts its small weight itself.
+    channels_last: bool = False
+    _yaml_off = field_validator("target", mode="before")(lambda value: yaml_off(value))
+
+
+class EmaConfig(Section):
+    decay: float = Field(0.9999, ge=0, le=1)
+    # how the decay ramps up early in the run: none (flat); timm (ModelEmaV3's warmup);
+    # tf (TF's ExponentialMovingAverage with num_updates: min(decay, (1 + n) / (10 + n)))
+    warmup: Literal["none", "timm", "tf"] = "none"
+
+
+class CheckpointConfig(Section):
+    every_epochs: float = Field(1.0, gt=0)
+    keep: int = Field(2, ge=1)  # the newest checkpoints kept, besides the best
     # also keep the checkpoint with the best val top-1 of the EMA (ema_top1) or of the model (top1),
     # never pruned; a new best writes a checkpoint at that evaluation (checkpoints/best.json names it)
     keep_best: Literal["none", "top1", "ema_top1"] = "ema_top1"
+
+
+# Settings that were once all under `train`: a recipe, an override or the config.yaml of a run made
+# by an earlier trainer may still say them so; they are moved to their section before validation.
+LEGACY_KEYS = {
+    "train.precision": "engine.precision", "train.allow_cpu_fp16": "engine.allow_cpu_fp16",
+    "train.zero_stage": "engine.zero_stage", "train.grad_clip": "engine.grad_clip",
+    "train.ds_config": "engine.ds_config", "train.max_consecutive_skips": "engine.max_consecutive_skips",
+    "train.compile": "compile.target", "train.compile_mode": "compile.mode",
+    "train.channels_last": "compile.channels_last",
+    "train.ema_decay": "ema.decay", "train.ema_warmup": "ema.warmup",
+    "train.checkpoint_every_epochs": "checkpoint.every_epochs", "train.keep_checkpoints": "checkpoint.keep",
+    "train.keep_best": "checkpoint.keep_best",
+}
+
+
+def move_legacy_keys(tree: dict) -> dict:
+    """A config tree with every LEGACY_KEYS setting moved to its section (a copy; the new key wins)."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for old, new in LEGACY_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = tree.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            value = section.pop(old_key)
+            target = tree.setdefault(new_section, {})
+            if isinstance(target, dict):
+                if target.get(new_key, value) != value:
+                    raise ConfigError(f"{old} ({value!r}) and {new} ({target[new_key]!r}) both set; {new} is "
+                                      f"its name now")
+                target[new_key] = value
+    return tree
 
 
 class WandbConfig(Section):
@@ -279,6 +335,10 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    engine: EngineConfig = EngineConfig()
+    compile: CompileConfig = CompileConfig()
+    ema: EmaConfig = EmaConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     loss: LossConfig = LossConfig()
     mixup: MixupConfig = MixupConfig()
     wandb: WandbConfig = WandbConfig()
@@ -336,16 +396,18 @@ def load_config(recipe: str, overrides: list[str] = (), variant: Optional[str] =
     tree = read_recipe(recipe)
     tree.pop("description", None)
     variants = tree.pop("variants", {}) or {}
+    tree = move_legacy_keys(tree)
     if variant is not None:
         if variant not in variants:
             names = ", ".join(variants) or "none"
             raise ConfigError(f"recipe {recipe!r} has no variant {variant!r}; available: {names}")
-        tree = deep_merge(tree, {k: v for k, v in variants[variant].items() if k != "meta"})
+        tree = deep_merge(tree, move_legacy_keys({k: v for k, v in variants[variant].items() if k != "meta"}))
     tree.setdefault("recipe", recipe)
     tree["variant"] = variant
     tree.setdefault("name", recipe if variant is None else f"{recipe}-{variant.replace('/', '-')}")
     for text in overrides:
         path, value = parse_override(text)
+        path = LEGACY_KEYS.get(".".join(path), ".".join(path)).split(".")
         set_dotted(tree, path, value, text.partition("=")[0])
     try:
         return Config.model_validate(tree)

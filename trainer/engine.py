@@ -1,101 +1,109 @@
-"""DeepSpeed around the model: process group, the DeepSpeed config derived from
-the trainer's settings, the engine, and the EMA copy of the weights."""
+"""The DeepSpeed engine as the training loop sees it: forward, `backward(loss)` per micro batch, and
+`step()` at the end of the global batch, which returns what the optimizer step did (applied or
+skipped, the loss scale it used, the gradient norm) and raises `Collapsed` when the run cannot go on.
+
+DeepSpeed owns accumulation, clipping and fp16 loss scaling; the DeepSpeed config is derived from
+the trainer's settings (`build_ds_config`). Everything DeepSpeed needs worked around sits behind this
+class (trainer/deepspeed_fixes.py), so the loop, the benchmarks and the tests use it the same way."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
-from timm.utils import ModelEmaV3
 
-from .config import ConfigError, TrainConfig
-from .precision import SkipNonFiniteStep, batchnorm_in_fp32, forget_initialize_step
+from .config import ConfigError, EngineConfig
+from .deepspeed_fixes import (SkipNonFiniteStep, batchnorm_in_fp32, check_precision_supported,
+                              forget_initialize_step, scaled_for_unfused_fp16, unfused_fp16)
+from .health import HealthMonitor, StepRecord
+from .plan import RunPlan
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    world_size: int
-    local_rank: int
-    # a gloo group over all ranks for small host-side agreements (the stop request): no device sync.
-    # None means the default group, which is gloo already on the CPU
-    cpu_group: object = None
+class Collapsed(Exception):
+    """The run cannot go on: its steps are all being skipped, or its weights are non-finite.
+    `batch` (inputs, targets) is the micro batch it happened on, when known, for the diagnosis."""
+
+    def __init__(self, reason: str, step: Optional[int] = None, loss_scale: Optional[float] = None):
+        super().__init__(reason)
+        self.step = step  # the optimizer step that collapsed (it counts as taken, and skipped)
+        self.loss_scale = loss_scale
+        self.batch = None
+
+
+@dataclass
+class StepOutcome:
+    applied: bool  # False: skipped for overflow or non-finite gradients; nothing changed
+    loss_scale: Optional[float]  # the scale this step's gradients were computed with (fp16)
+    grad_norm: object  # unscaled global norm before clipping: a float or a 0-d tensor (read lazily)
+
+
+class TrainEngine:
+    def __init__(self, ds_engine, optimizer: torch.optim.Optimizer, guard: Optional[SkipNonFiniteStep],
+                 monitor: HealthMonitor):
+        self.ds = ds_engine  # DeepSpeed's engine: call it for the forward pass (train or eval)
+        self.optimizer = optimizer  # the client optimizer: its param groups carry the lr
+        self.guard = guard
+        self.monitor = monitor
+        self.module: nn.Module = ds_engine.module  # the bare model DeepSpeed trains
+        self.device = ds_engine.device
+        self.input_dtype = next(self.module.parameters()).dtype  # half when DeepSpeed's fp16 casts the model
+        self._last_loss = None
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.ds(inputs)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def loss_scale(self) -> Optional[float]:
+        """The current dynamic loss scale (fp16), None without a loss scaler."""
+        if not self.ds.fp16_enabled():
+            return None
+        return float(self.ds._get_optimizer_loss_scale())
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def skipped_steps(self) -> int:
+        return self.monitor.skipped_steps
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """One micro batch's backward. DeepSpeed counts micro batches in its step(): before the last one
+        of the global batch it only advances that count (and accumulates), so it is called here."""
+        self._last_loss = loss.detach()
+        self.ds.backward(scaled_for_unfused_fp16(self.ds, loss))
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def step(self, step: int) -> StepOutcome:
+        """The optimizer step that ends global batch number `step` (1-based): applied, or skipped for
+        overflow or non-finite gradients. Raises Collapsed when the run cannot recover."""
+        scale = self.loss_scale()  # the scale this step's gradients were computed with
+        try:
+            self.ds.step()
+        except Exception as err:  # DeepSpeed 0.19's ZeRO 1/2 scaler raises instead of going below its minimum
+            if "loss scale already at minimum" in str(err):
+                raise Collapsed("fp16 loss scale reached DeepSpeed's minimum and the step still overflowed",
+                                step=step, loss_scale=scale) from err
+            raise
+        outcome = self._outcome(scale)
+        collapse = self.monitor.record(StepRecord(step, self._last_loss, outcome.applied, outcome.loss_scale,
+                                                  outcome.grad_norm))
+        if collapse:
+            raise Collapsed(collapse, step=step, loss_scale=scale)
+        return outcome
 
-
-def init_distributed(timeout_s: float = 1800) -> Distributed:
-    """Join the launcher's process group (deepspeed/torchrun set RANK etc.), or make
-    a group of one when started as plain `python -m trainer`.
-
-    timeout_s bounds every collective (gloo and NCCL honour the group's timeout): when a rank
-    dies or hangs, the others raise instead of waiting forever."""
-    _quiet_import_notices()
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))
-    world_size = int(os.environ["WORLD_SIZE"])
-    # DeepSpeed (0.19) reduces gradients over its own clone of the world group, which it makes with
-    # torch's default timeout (30 min), not the one above: a stuck rank held the others that long
-    # whatever timeout_s said. Make the clone here, with ours; DeepSpeed then uses it.
-    from deepspeed.utils import groups
-    if groups._WORLD_GROUP is None:
-        groups._WORLD_GROUP = dist.new_group(ranks=list(range(world_size)), timeout=timedelta(seconds=timeout_s))
-    if get_accelerator().device_name() == "cpu":
-        _share_cores()
-    cpu_group = None
-    if world_size > 1 and dist.get_backend() != "gloo":
-        cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    return Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)), cpu_group)
-
-
-def _quiet_import_notices() -> None:
-    """On a machine without a GPU, torch ("No CUDA runtime is found") and DeepSpeed ("Setting
-    accelerator to CPU") warn while importing; the run's banner names the device instead, and
-    stderr stays for what needs reading (a config error is then the only line)."""
-    import logging
-
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from deepspeed.utils import logger as deepspeed_logger
-
-    level = deepspeed_logger.level
-    deepspeed_logger.setLevel(logging.ERROR)
-    try:
-        from deepspeed.accelerator import get_accelerator
-
-        get_accelerator()  # detection happens, and warns, on the first call
-    finally:
-        deepspeed_logger.setLevel(level)
-
-
-def _share_cores() -> None:
-    """CPU ranks on one machine split its cores: each torch defaults to all of them, and N ranks x
-    all cores oversubscribe (2 ranks x 2 threads on 2 cores ran 50x slower). OMP_NUM_THREADS, set by
-    the user or by `deepspeed --bind_cores_to_rank`, wins."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun / deepspeed
-    if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores // local_world))
+    def _outcome(self, scale_used: Optional[float]) -> StepOutcome:
+        if self.guard is not None:  # fp32 at ZeRO 0: DeepSpeed neither skips nor reports a norm
+            return StepOutcome(not self.guard.last_step_skipped, None, self.guard.last_grad_norm)
+        norm = self.ds.get_global_grad_norm()
+        if norm is not None and unfused_fp16(self.ds) and scale_used:
+            norm = norm / scale_used  # DeepSpeed 0.19's FP16_UnfusedOptimizer reports the scaled norm
+        return StepOutcome(self.ds.was_step_applied(), scale_used, norm)
 
 
 def resolve_ds_config_path(name: str) -> Path:
@@ -103,7 +111,7 @@ def resolve_ds_config_path(name: str) -> Path:
     for candidate in (path, PROJECT_ROOT / path):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"train.ds_config: DeepSpeed config {name} not found")
+    raise ConfigError(f"engine.ds_config: DeepSpeed config {name} not found")
 
 
 def _require(ds: dict, key: str, value, source: Path, setting: str) -> None:
@@ -114,29 +122,30 @@ def _require(ds: dict, key: str, value, source: Path, setting: str) -> None:
                           f"remove it from the file or change {setting}")
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+def build_ds_config(cfg: EngineConfig, plan: RunPlan) -> dict:
+    """The DeepSpeed config: the file's, with the batch from the plan and precision, ZeRO stage and
+    clipping from the engine settings filled in."""
     source = resolve_ds_config_path(cfg.ds_config)
     try:
         ds = json.loads(source.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{source}: not valid JSON ({err})") from None
-    global_batch = world_size * cfg.micro_batch * cfg.grad_accum
     owned = {
-        "train_micro_batch_size_per_gpu": (cfg.micro_batch, "train.micro_batch"),
-        "gradient_accumulation_steps": (cfg.grad_accum, "train.grad_accum"),
-        "train_batch_size": (global_batch, "world size x train.micro_batch x train.grad_accum"),
-        "gradient_clipping": (cfg.grad_clip, "train.grad_clip"),
+        "train_micro_batch_size_per_gpu": (plan.micro_batch, "train.micro_batch"),
+        "gradient_accumulation_steps": (plan.grad_accum, "train.grad_accum"),
+        "train_batch_size": (plan.global_batch, "world size x train.micro_batch x accumulation"),
+        "gradient_clipping": (cfg.grad_clip, "engine.grad_clip"),
     }
     for key, (value, setting) in owned.items():
         _require(ds, key, value, source, setting)
         ds[key] = value
     zero = dict(ds.get("zero_optimization", {}))
-    _require(zero, "stage", cfg.zero_stage, source, "train.zero_stage")
+    _require(zero, "stage", cfg.zero_stage, source, "engine.zero_stage")
     ds["zero_optimization"] = {**zero, "stage": cfg.zero_stage}
     for section, precision in (("fp16", "fp16"), ("bf16", "bf16")):
         enabled = ds.get(section, {}).get("enabled", "auto")
         if enabled not in ("auto", cfg.precision == precision):
-            raise ConfigError(f"{source}: {section}.enabled={enabled} contradicts train.precision={cfg.precision}")
+            raise ConfigError(f"{source}: {section}.enabled={enabled} contradicts engine.precision={cfg.precision}")
         ds[section] = {**ds.get(section, {}), "enabled": cfg.precision == precision}
     ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer does its own logging
     if cfg.zero_stage > 0:
@@ -144,8 +153,14 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     return ds
 
 
-def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, cfg: TrainConfig):
-    """The DeepSpeed engine, and the non-finite guard where DeepSpeed has none (fp32, ZeRO 0)."""
+def check_engine_supported(cfg: EngineConfig) -> None:
+    """Refuse a precision this machine's DeepSpeed cannot run (before anything is written)."""
+    check_precision_supported(cfg.precision, cfg.allow_cpu_fp16)
+
+
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, cfg: EngineConfig
+                 ) -> TrainEngine:
+    """DeepSpeed's engine around the model and the client optimizer, behind TrainEngine."""
     import deepspeed
 
     if cfg.precision in ("fp16", "bf16"):
@@ -154,46 +169,9 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=guard or optimizer, config=ds_config)
     forget_initialize_step(engine, optimizer)
     if engine.dp_world_size == 1 and cfg.zero_stage == 0:
-        # one process: DeepSpeed would still flatten, all-reduce (with itself) and copy back every gradient
+        # DeepSpeed 0.19 at one process would still flatten, all-reduce (with itself) and copy back
+        # every gradient at every step
         engine.enable_backward_allreduce = False
-    return engine, guard
-
-
-class Ema(ModelEmaV3):
-    """timm's ModelEmaV3 (weights and buffers), with the tensor pairs listed once: timm walks both
-    state_dicts at every update, a cost on the order of a few percent of a small model's CPU step.
-    The lists hold the tensors themselves (keep_vars), which DeepSpeed and loading update in place."""
-
-    _pairs = None
-
-    def apply_update_(self, model, decay: float):
-        if self._pairs is None or self._pairs[0] is not model:
-            both = list(zip(self.module.state_dict(keep_vars=True).values(),
-                            model.state_dict(keep_vars=True).values()))
-            floats = [(e, m) for e, m in both if e.is_floating_point()]
-            self._pairs = (model, [e for e, _ in floats], [m for _, m in floats],
-                           [(e, m) for e, m in both if not e.is_floating_point()])
-        _, ema_floats, model_floats, others = self._pairs
-        self._foreach_lerp_(ema_floats, model_floats, weight=1.0 - decay)
-        for ema_v, model_v in others:  # BN's num_batches_tracked
-            ema_v.copy_(model_v)
-
-
-class TFDecayEma(Ema):
-    """TF's ExponentialMovingAverage(decay, num_updates): the decay is min(decay, (1 + n) / (10 + n)),
-    a ramp timm's warmup formula does not reproduce."""
-
-    def get_decay(self, step=None) -> float:
-        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
-
-
-def build_ema(model: nn.Module, cfg: TrainConfig, device) -> ModelEmaV3:
-    """EMA on its own fp32 copy of the bare model, BN buffers included.
-
-    Built before DeepSpeed wraps (and, in fp16, casts) the model, so it never shares
-    tensors with the engine and never holds reduced-precision weights."""
-    ema_class = TFDecayEma if cfg.ema_warmup == "tf" else Ema
-    ema = ema_class(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup == "timm",
-                     device=device, dtype=torch.float32, exclude_buffers=False)
-    ema.module.requires_grad_(False)
-    return ema
+    min_scale = ds_config["fp16"].get("min_loss_scale", 1) if cfg.precision == "fp16" else None
+    monitor = HealthMonitor(min_scale, cfg.max_consecutive_skips)
+    return TrainEngine(engine, optimizer, guard, monitor)

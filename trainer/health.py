@@ -48,7 +48,7 @@ class HealthMonitor:
                     f"still overflowed")
         if self.consecutive_skips >= self.max_consecutive_skips:
             return (f"{self.consecutive_skips} consecutive steps had non-finite gradients or loss and were skipped "
-                    f"(train.max_consecutive_skips={self.max_consecutive_skips})")
+                    f"(engine.max_consecutive_skips={self.max_consecutive_skips})")
         return None
 
     def history_rows(self) -> list[dict]:

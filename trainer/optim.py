@@ -130,14 +130,13 @@ def _optimizer_factory(cfg: OptimConfig) -> Callable[..., torch.optim.Optimizer]
     raise ValueError(f"unknown optimizer {cfg.name!r}; valid: sgd, rmsproptf, rmsprop, adamw")
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, log: Optional[Callable[[str], None]] = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """Two parameter groups (decay, no decay) built by us, not timm's filter_bias_and_bn
     (which drops every 1-D tensor, a rule none of the notes' policies is).
 
     The base optimizer's own weight_decay carries the coupled form only; the decoupled forms
     live in the group keys `decoupled_wd`/`decoupled_lr`; l2_loss puts nothing here (see
-    L2Penalty). `log` gets describe_decay's line; by default it is printed on rank 0."""
+    L2Penalty). `describe_decay` says in one line which tensors decay and how."""
     decay, no_decay = split_decay(model, cfg.wd_params)
     wd = cfg.weight_decay
     groups = []
@@ -147,12 +146,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, log: Optional
                            "weight_decay": group_wd if cfg.wd_form == "coupled" else 0.0,
                            "decoupled_wd": group_wd if cfg.wd_form in ("decoupled", "decoupled_lr") else 0.0,
                            "decoupled_lr": cfg.wd_form == "decoupled_lr"})
-    optimizer = _optimizer_factory(cfg)(groups, lr)
-    if log is None:
-        log = print if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0 else None
-    if log is not None:
-        log(describe_decay(cfg, model))
-    return optimizer
+    return _optimizer_factory(cfg)(groups, lr)
 
 
 class L2Penalty:

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from .checkpoint import latest_tag
-from .config import Config, ConfigError
+from .config import Config, ConfigError, move_legacy_keys
+from .distributed import multi_rank
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -17,7 +18,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 # settings a resumed run may change: where it logs, and how it executes (not what it computes)
-MAY_CHANGE_ON_RESUME = {"wandb": None, "train": ("compile", "compile_mode", "channels_last")}
+MAY_CHANGE_ON_RESUME = {"wandb": None, "compile": None}
 
 
 def _comparable(config: dict) -> dict:
@@ -64,7 +65,7 @@ def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
         if resume is None:
             return (f"run directory {run_dir} already holds a run; pass --resume to continue it "
                     f"or choose another --run-dir")
-        differences = _differences(yaml.safe_load(saved_config.read_text()), cfg)
+        differences = _differences(move_legacy_keys(yaml.safe_load(saved_config.read_text())), cfg)
         if differences:
             return (f"run directory {run_dir} holds a run with a different config ({'; '.join(differences)}); "
                     f"resume with the same settings")
@@ -83,7 +84,7 @@ def claim_run_dir(cfg: Config, run_dir: Optional[Path], resume: Optional[str], d
         if error is None:
             run_dir.mkdir(parents=True, exist_ok=True)
         answer = [str(run_dir), error]
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if multi_rank():
         torch.distributed.broadcast_object_list(answer, src=0)
     if answer[1] is not None:
         raise ConfigError(answer[1])

@@ -150,3 +150,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def read_summary(run_dir: Path) -> Optional[dict]:
     path = Path(run_dir) / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_config(run_dir: Path) -> dict:
+    """A run's config.yaml as a dict in this trainer's layout (settings an earlier trainer kept under
+    `train` moved to their sections), so runs of both ages read alike."""
+    import yaml
+
+    from .config import move_legacy_keys
+
+    return move_legacy_keys(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))

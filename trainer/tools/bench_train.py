@@ -42,10 +42,10 @@ def trainer_overrides(args, compile_setting: str) -> list[str]:
             "optim.weight_decay=0", "schedule.name=constant", "schedule.warmup_epochs=0",
             f"loss.label_smoothing={SMOOTHING}", "mixup.mode=off",
             f"train.micro_batch={args.batch}", f"train.max_steps={args.steps}", "train.epochs=1000",
-            f"train.precision={args.precision}", f"train.compile={compile_setting}",
-            f"train.compile_mode={args.compile_mode}", f"train.channels_last={args.channels_last}",
+            f"engine.precision={args.precision}", f"compile.target={compile_setting}",
+            f"compile.mode={args.compile_mode}", f"compile.channels_last={args.channels_last}",
             f"train.log_every_steps={args.window}", "train.eval_every_epochs=1000",
-            "train.checkpoint_every_epochs=1000", "train.keep_best=none", "wandb.mode=offline"]
+            "checkpoint.every_epochs=1000", "checkpoint.keep_best=none", "wandb.mode=offline"]
 
 
 def steady_rate(window_rates: list[float]) -> float:

@@ -1,18 +1,17 @@
-"""Mixed precision through DeepSpeed's `fp16` / `bf16` sections, made to work for a
-BatchNorm network. ds_configs/README.md says why this configuration and not
-`torch_autocast`.
+"""What DeepSpeed (0.19) does not do for this trainer, each fixed in one place and used only by
+trainer/engine.py, which wraps the engine for the loop:
 
-Three things DeepSpeed (0.19) does not do for us:
-- it refuses fp16 on a CPU without fast fp16 kernels, although PyTorch computes it;
-- its fp16/bf16 modes cast every parameter, BN included, to half while BN buffers
-  stay fp32, and CPU batch_norm rejects that mix: we compute batch norm in fp32;
-- at ZeRO 0 with a client optimizer (FP16_UnfusedOptimizer) engine.backward does not
-  scale the loss although step() unscales the gradients: we scale it there.
+- it refuses fp16 on a CPU without fast fp16 kernels, although PyTorch computes it (opt-in);
+- its fp16/bf16 modes cast every parameter, BN included, to half while BN buffers stay fp32, and
+  CPU batch_norm rejects that mix: batch norm is computed in fp32;
+- at ZeRO 0 with a client optimizer (FP16_UnfusedOptimizer), engine.backward does not scale the loss
+  although step() unscales the gradients: the loss is scaled here;
+- the same wrapper runs one optimizer step on zero gradients while initializing: its state is dropped;
+- in fp32 at ZeRO 0 it neither skips a non-finite step nor reports a gradient norm: a guard does both.
+
+ds_configs/README.md says why fp16 goes through DeepSpeed's `fp16` section and not `torch_autocast`.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -26,13 +25,13 @@ def check_precision_supported(precision: str, allow_cpu_fp16: bool) -> None:
     accelerator = get_accelerator()
     if precision == "fp16" and not accelerator.is_fp16_supported():
         if accelerator.device_name() != "cpu" or not allow_cpu_fp16:
-            raise ConfigError(f"train.precision=fp16: DeepSpeed does not support fp16 on this "
-                              f"{accelerator.device_name()}; use bf16 or fp32, or set train.allow_cpu_fp16=true "
+            raise ConfigError(f"engine.precision=fp16: DeepSpeed does not support fp16 on this "
+                              f"{accelerator.device_name()}; use bf16 or fp32, or set engine.allow_cpu_fp16=true "
                               f"to run it on the CPU anyway (slow)")
         # explicit opt-in: PyTorch computes fp16 on the CPU, only without fast kernels
         type(accelerator).is_fp16_supported = lambda self: True
     if precision == "bf16" and not accelerator.is_bf16_supported():
-        raise ConfigError(f"train.precision=bf16: not supported on this {accelerator.device_name()}; use fp32")
+        raise ConfigError(f"engine.precision=bf16: not supported on this {accelerator.device_name()}; use fp32")
 
 
 _FP32_NORM_CLASSES: dict[type, type] = {}
@@ -70,18 +69,17 @@ def batchnorm_in_fp32(model: nn.Module) -> int:
     return changed
 
 
-def _unfused_fp16(engine) -> bool:
+def unfused_fp16(engine) -> bool:
+    """ZeRO 0 with a client optimizer in fp16: DeepSpeed's FP16_UnfusedOptimizer."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     return engine.fp16_enabled() and isinstance(engine.optimizer, FP16_UnfusedOptimizer)
 
 
-def backward(engine, loss: torch.Tensor) -> None:
-    if _unfused_fp16(engine):
-        # DeepSpeed 0.19 bug: this optimizer divides gradients by its scale in step(), but
-        # engine.backward never multiplied the loss by it (updates came out 1/scale too small).
-        loss = loss * engine.optimizer.loss_scale
-    engine.backward(loss)
+def scaled_for_unfused_fp16(engine, loss: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed 0.19 bug: FP16_UnfusedOptimizer divides gradients by its scale in step(), but
+    engine.backward never multiplied the loss by it (updates came out 1/scale too small)."""
+    return loss * engine.optimizer.loss_scale if unfused_fp16(engine) else loss
 
 
 def forget_initialize_step(engine, optimizer: torch.optim.Optimizer) -> None:
@@ -92,30 +90,6 @@ def forget_initialize_step(engine, optimizer: torch.optim.Optimizer) -> None:
 
     if isinstance(engine.optimizer, FP16_UnfusedOptimizer):
         optimizer.state.clear()
-
-
-def loss_scale(engine) -> Optional[float]:
-    """The current dynamic loss scale (fp16), None without a loss scaler."""
-    if not engine.fp16_enabled():
-        return None
-    return float(engine._get_optimizer_loss_scale())
-
-
-@dataclass
-class StepOutcome:
-    applied: bool  # False: skipped for overflow or non-finite gradients; nothing changed
-    loss_scale: Optional[float]  # the scale this step's gradients were computed with (fp16)
-    grad_norm: object  # unscaled global norm before clipping: a float or a 0-d tensor (read lazily)
-
-
-def step_outcome(engine, guard: Optional["SkipNonFiniteStep"], scale_used: Optional[float]) -> StepOutcome:
-    """What the optimizer step just taken did, read from DeepSpeed (or from our guard)."""
-    if guard is not None:  # fp32 at ZeRO 0: DeepSpeed neither skips nor reports a norm
-        return StepOutcome(not guard.last_step_skipped, None, guard.last_grad_norm)
-    norm = engine.get_global_grad_norm()
-    if norm is not None and _unfused_fp16(engine) and scale_used:
-        norm = norm / scale_used  # that optimizer reports the scaled norm
-    return StepOutcome(engine.was_step_applied(), scale_used, norm)
 
 
 class SkipNonFiniteStep(torch.optim.Optimizer):

@@ -1,0 +1,111 @@
+"""The run's arithmetic, computed once: world size, micro batch and accumulation, the global batch,
+the epoch in optimizer steps, the schedule's clock, the total length and the logging, evaluation and
+checkpoint cadence. The DeepSpeed config, the lr schedule, the loop and the banner all read it; it is
+saved in the run directory (plan.json) and in every checkpoint.
+
+    global batch = world size x micro batch x accumulation
+
+A global batch that the ranks' micro batches do not divide is refused, never rounded."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from .config import CheckpointConfig, ConfigError, TrainConfig
+
+
+def grad_accum_for(train: TrainConfig, world_size: int) -> int:
+    """Accumulation steps: stated (train.grad_accum), or derived from train.global_batch."""
+    if train.global_batch is None:
+        return train.grad_accum
+    per_step = world_size * train.micro_batch
+    if train.global_batch % per_step:
+        raise ConfigError(f"train.global_batch={train.global_batch} is not a multiple of world size {world_size} "
+                          f"x train.micro_batch {train.micro_batch} = {per_step}")
+    return train.global_batch // per_step
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    world_size: int
+    micro_batch: int  # per process, per forward
+    grad_accum: int
+    global_batch: int
+    train_images: int  # the training split
+    micro_batches_per_epoch: int  # per rank, as the loader hands them out (the last partial one dropped)
+    steps_per_epoch: int  # optimizer steps in one pass over the data (left-over micro batches dropped)
+    tf_steps_per_epoch: float  # TF's count: train images / global batch, a fraction
+    schedule_epoch: float  # optimizer steps in one epoch of the lr schedule (train.epoch_scale x the data)
+    warmup_steps: int
+    total_steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+
+    @classmethod
+    def build(cls, train: TrainConfig, checkpoint: CheckpointConfig, warmup_epochs: float, world_size: int,
+              train_images: int, micro_batches_per_epoch: int) -> "RunPlan":
+        grad_accum = grad_accum_for(train, world_size)
+        global_batch = world_size * train.micro_batch * grad_accum
+        steps_per_epoch = micro_batches_per_epoch // grad_accum
+        if steps_per_epoch == 0:
+            raise ConfigError(f"data: {train_images} training images are fewer than one global batch "
+                              f"({global_batch} = world size {world_size} x train.micro_batch {train.micro_batch} "
+                              f"x accumulation {grad_accum}); lower train.micro_batch or the accumulation")
+        schedule_epoch = steps_per_epoch * train.epoch_scale
+        return cls(
+            world_size=world_size, micro_batch=train.micro_batch, grad_accum=grad_accum, global_batch=global_batch,
+            train_images=train_images, micro_batches_per_epoch=micro_batches_per_epoch,
+            steps_per_epoch=steps_per_epoch, tf_steps_per_epoch=train_images / global_batch,
+            schedule_epoch=schedule_epoch,
+            warmup_steps=int(warmup_epochs * schedule_epoch),  # TF truncates too
+            total_steps=min(train.max_steps or math.inf, math.ceil(train.epochs * schedule_epoch)),
+            log_every=train.log_every_steps,
+            eval_every=max(1, round(train.eval_every_epochs * steps_per_epoch)),
+            checkpoint_every=max(1, round(checkpoint.every_epochs * steps_per_epoch)))
+
+    def epoch_at(self, step: int) -> float:
+        """Passes over the data after `step` optimizer steps."""
+        return step / self.steps_per_epoch
+
+    def is_last(self, step: int) -> bool:
+        return step >= self.total_steps
+
+    def logs_at(self, step: int) -> bool:
+        return step % self.log_every == 0 or self.is_last(step)
+
+    def evaluates_at(self, step: int) -> bool:
+        return step % self.eval_every == 0 or self.is_last(step)
+
+    def checkpoints_at(self, step: int) -> bool:
+        return step % self.checkpoint_every == 0 or self.is_last(step)
+
+    def evals_left(self, step: int) -> int:
+        return math.ceil((self.total_steps - step) / self.eval_every)
+
+    def batch_shape(self) -> dict:
+        """What a checkpoint must agree on to be resumed: the numbers the lr and the data order follow."""
+        return {"world_size": self.world_size, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
+                "global_batch": self.global_batch}
+
+    def banner(self) -> str:
+        return (f"world {self.world_size} x micro batch {self.micro_batch} x accum {self.grad_accum} = global batch "
+                f"{self.global_batch} | {self.train_images} train images, {self.steps_per_epoch} steps/epoch, "
+                f"{self.total_steps} steps")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_same_batch(saved: Optional[dict], plan: RunPlan) -> None:
+    """A checkpoint continues only with the batch it was trained with: another global batch changes the
+    lr mid-run, and another split of the same batch over ranks and micro batches puts the data position
+    (samples consumed per rank) somewhere else; neither may happen without a word."""
+    if saved is None:  # a checkpoint of a trainer that did not record it
+        return
+    here = plan.batch_shape()
+    differences = [f"{key} {saved.get(key)} there, {here[key]} here" for key in here if saved.get(key) != here[key]]
+    if differences:
+        raise ConfigError(f"the checkpoint was trained with another batch ({'; '.join(differences)}); resume with "
+                          f"the same world size, train.micro_batch and accumulation")

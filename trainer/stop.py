@@ -1,0 +1,64 @@
+"""Stopping on a signal: SIGTERM or SIGINT asks every rank to checkpoint and stop at the same step
+boundary; the handlers are the run's only while it trains.
+
+Clusters stop a job by signalling every process of it, and launchers forward what they receive, so
+one request often arrives twice in a moment (the group's signal, then the launcher's copy): a repeat
+of the same signal within REPEAT_WINDOW_S counts as the same request. A signal that arrives once
+the stop checkpoint is being written, a later one, or a third, stops the process at once."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from typing import Optional
+
+from .distributed import any_rank
+
+REPEAT_WINDOW_S = 5.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """Each rank receives its signal at its own moment, so the loop acts only on `agreed`, which
+    `agree` sets on every rank at the same step: a rank that stopped alone would checkpoint by
+    itself while the others waited in their next collective until the timeout."""
+
+    def __init__(self, group=None, at_step: Optional[int] = None):
+        self.group = group  # a gloo group: the agreement is a host-side all_reduce, no device sync
+        self.at_step = at_step  # --stop-at-step: behave as if a signal came right after this step
+        self.agreed: Optional[str] = None  # why every rank stops at this step boundary
+        self.received: Optional[str] = None  # this rank's own signal, not yet agreed
+        self.deliveries = 0
+        self.first_at = 0.0
+        self.checkpointing = False  # set while the stop checkpoint is written: a signal then stops at once
+
+    def _handle(self, signum, frame):
+        self.deliveries += 1
+        name = signal.Signals(signum).name
+        if self.deliveries == 1:
+            self.received, self.first_at = name, time.monotonic()
+            return
+        repeat = (name == self.received and self.deliveries == 2
+                  and time.monotonic() - self.first_at < REPEAT_WINDOW_S)
+        if self.checkpointing or not repeat:
+            raise KeyboardInterrupt(f"{name} while stopping: stopped at once")
+
+    @contextlib.contextmanager
+    def handling_signals(self):
+        """Install the handlers for the block, then put back whatever was there before (a process
+        that runs several trainings, such as `bench train`, gets its own handlers back)."""
+        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def agree(self, step: int) -> None:
+        """Every rank calls this at every step boundary: a signal on any rank stops them all."""
+        if self.agreed is not None:
+            return
+        if step == self.at_step:  # the same step on every rank: no collective needed
+            self.agreed = f"--stop-at-step {step}"
+        elif any_rank(self.received is not None, self.group):
+            self.agreed = self.received or "a signal to another rank"
