@@ -1,4 +1,5 @@
-"""Data: one test per data item of PITFALLS.md, named after it, plus the augmentation settings.
+"""Data: one test per known way an input pipeline silently goes wrong, named after it, plus the
+augmentation settings.
 Images are generated with PIL into tmp_path (non-square where it matters)."""
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def as_tensor(img: Image.Image) -> torch.Tensor:
     return T.Compose([T.ToImage(), T.ToDtype(torch.uint8)])(img)
 
 
-# -- PITFALLS: "Horizontal flip applied always instead of with p=0.5"
+# -- pitfall: "Horizontal flip applied always instead of with p=0.5"
 
 @pytest.mark.parametrize("p, low, high", [(0.5, 0.43, 0.57), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)])
 def test_flip_happens_with_the_configured_probability(tmp_path, p, low, high):
@@ -60,7 +61,7 @@ def test_flip_happens_with_the_configured_probability(tmp_path, p, low, high):
     assert low <= flipped / n <= high
 
 
-# -- PITFALLS: "Eval by squashing to 224x224 instead of resizing the short side and center
+# -- pitfall: "Eval by squashing to 224x224 instead of resizing the short side and center
 #    cropping; eval resize fixed at 256 for every model size instead of crop / crop_pct"
 
 # (image_size, crop_pct, short side = floor(image_size / crop_pct), long side of a 640x480 image)
@@ -80,7 +81,7 @@ def test_eval_resize_follows_crop_pct(image_size, crop_pct, short, long):
         assert not torch.equal(out, fixed)
 
 
-# -- PITFALLS: "OpenCV shapes read as (w, h) instead of (h, w): wrong on non-square sizes"
+# -- pitfall: "OpenCV shapes read as (w, h) instead of (h, w): wrong on non-square sizes"
 
 @pytest.mark.parametrize("width, height, resized_hw", [(300, 200, (256, 384)), (200, 300, (384, 256))])
 @pytest.mark.parametrize("as_pil", [True, False])  # ImageFolder images are PIL, the digits are tensors
@@ -98,7 +99,7 @@ def test_non_square_images_keep_their_orientation(width, height, resized_hw, as_
     assert columns[:20].mean() < columns[-20:].mean()  # the left-to-right ramp is still left to right
 
 
-# -- PITFALLS: "PIL resize with its default filter instead of bilinear/bicubic"
+# -- pitfall: "PIL resize with its default filter instead of bilinear/bicubic"
 
 @pytest.mark.parametrize("configured, other", [("bilinear", BICUBIC), ("bicubic", BILINEAR)])
 def test_interpolation_is_the_configured_one(configured, other):
@@ -125,7 +126,7 @@ def test_interpolation_is_the_configured_one(configured, other):
     assert not torch.equal(out, train_ref(other))
 
 
-# -- PITFALLS: "Every dataloader worker, rank and epoch drawing the same augmentation random
+# -- pitfall: "Every dataloader worker, rank and epoch drawing the same augmentation random
 #    numbers (numpy not reseeded per worker)"
 
 def test_augmentation_random_numbers_differ_across_workers_ranks_and_epochs(tmp_path):
@@ -165,7 +166,7 @@ def test_augmentation_random_numbers_differ_across_workers_ranks_and_epochs(tmp_
     assert not torch.equal(other_seed[0][0], sample(0, 0))
 
 
-# -- PITFALLS: "A distributed validation sampler that pads the set with duplicates, so top-1 is
+# -- pitfall: "A distributed validation sampler that pads the set with duplicates, so top-1 is
 #    computed on more than 50,000 images"
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])

@@ -1,4 +1,4 @@
-"""Data sources at ImageNet scale (issue 5): LMDB packs, reduced-size JPEG decoding, corrupt files,
+"""Data sources at ImageNet scale: LMDB packs, reduced-size JPEG decoding, corrupt files,
 distributed shards over the new sources, and the data bench. Real files in tmp_path, real LMDB."""
 import io
 import json

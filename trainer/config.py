@@ -50,7 +50,7 @@ class DataConfig(Section):
     # random-resized-crop area fraction and aspect ratio; TF: area (0.08, 1), aspect (3/4, 4/3)
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    # flip probability, drawn per sample (a flip applied always is a PITFALLS item); digits must not be flipped
+    # flip probability, drawn per sample (a flip applied to every image is no augmentation); digits must not be flipped
     hflip: float = Field(0.5, ge=0, le=1)
     # timm policy string: AutoAugment "original", "v0", "v0r", "originalr", "3a" (+ "-mstd0.5"),
     # RandAugment "rand-m9-mstd0.5", ...; None = off. TF's EfficientNet recipe uses AutoAugment "v0"
@@ -295,8 +295,8 @@ class WandbConfig(Section):
 
 
 class LossConfig(Section):
-    # TF: targets = onehot * (1 - eps) + eps / classes, applied with or without mixup (a PITFALLS item:
-    # smoothing applied only when mixup was on); 0 = plain cross-entropy (notes row 28)
+    # TF: targets = onehot * (1 - eps) + eps / classes, applied with or without mixup (code that smooths
+    # only inside its mixup path silently trains unsmoothed without it); 0 = plain cross-entropy (notes row 28)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     # log_softmax: computed in fp32, finite whatever the logits' dtype (notes row 6);
     # log_of_softmax_unstable: the notes' broken v2, log(softmax(x)) in the logits' dtype: inf in fp16 (row 5)

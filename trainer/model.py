@@ -30,7 +30,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if cfg.sync_bn:
         # last, so it converts the BNs the steps above configured. It must come before the EMA copy
         # (its BN modules and state_dict must be the model's), the optimizer (it must hold the
-        # parameters the converted model trains: PITFALLS) and the engine (DeepSpeed broadcasts,
+        # parameters the converted model trains, or SyncBN's weights never update) and the engine (DeepSpeed broadcasts,
         # flattens and at ZeRO 1/2 re-points the parameters of the modules it is given)
         from .syncbn import convert_sync_batchnorm
 

@@ -8,11 +8,11 @@ import json
 import math
 import netrc
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from . import log
 from .config import WandbConfig
 
 
@@ -54,10 +54,6 @@ def wandb_mode(mode: str) -> str:
     except (FileNotFoundError, netrc.NetrcParseError):
         has_login = False
     return "online" if has_login else "offline"
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class Tracker:
@@ -106,12 +102,12 @@ class Tracker:
                 if mode != "online":
                     raise
                 reason = " ".join(str(err).split())  # wandb's messages span lines; a warning is one
-                warn(f"W&B online failed ({type(err).__name__}: {reason}); logging offline instead")
+                log.warning(f"W&B online failed ({type(err).__name__}: {reason}); logging offline instead")
                 # the failed run still holds its id in wandb's service process: end that process first
                 wandb.teardown()
                 return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
         except Exception as err:  # noqa: BLE001 - W&B must never stop training
-            warn(f"W&B disabled for this run: {type(err).__name__}: {err}")
+            log.warning(f"W&B disabled for this run: {type(err).__name__}: {err}")
             return None
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -138,7 +134,7 @@ class Tracker:
         try:
             call(self.wandb_run)
         except Exception as err:  # noqa: BLE001
-            warn(f"W&B call failed, W&B disabled for the rest of the run: {err}")
+            log.warning(f"W&B call failed, W&B disabled for the rest of the run: {err}")
             self.wandb_run = None
 
 
