@@ -22,7 +22,16 @@ def test_global_batch_is_world_times_micro_batch_times_accumulation():
     assert p.global_batch == 2048 and p.grad_accum == 2
     assert p.steps_per_epoch == 1_281_167 // 8 // 128 // 2  # what the loader hands out, whole steps
     assert p.tf_steps_per_epoch == pytest.approx(625.5698, abs=1e-4)  # TF: images / batch, a fraction
-    assert p.checkpoint_every == round(0.5 * p.steps_per_epoch) and p.log_every == 10
+    assert p.checkpoint_every == round(0.5 * p.tf_steps_per_epoch) and p.log_every == 10
+
+
+def test_the_schedule_clock_counts_epochs_as_tf_does():
+    """TF: steps_per_epoch = train images / global batch, a fraction, whatever the loader drops; warmup
+    and total steps are its multiples, truncated and rounded up."""
+    p = RunPlan.build(TrainConfig(micro_batch=256, epochs=350), CheckpointConfig(), 5.0, 8, 1_281_167,
+                      1_281_167 // 8 // 256)
+    assert p.steps_per_epoch == 625 and p.schedule_epoch == pytest.approx(625.5698, abs=1e-4)
+    assert p.warmup_steps == 3127 and p.total_steps == 218_949
 
 
 def test_accumulation_is_derived_from_a_stated_global_batch():
@@ -57,7 +66,8 @@ def test_the_run_prints_and_saves_its_plan(cli, tmp_path):
     result = cli("train", "--recipe", "demo", "--run-dir", "run", *TINY, "train.global_batch=64", "train.max_steps=2",
                  "train.eval_every_epochs=10", "wandb.mode=disabled")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "world 1 x micro batch 32 x accum 2 = global batch 64 | 1438 train images, 22 steps/epoch" in result.stdout
+    assert ("world 1 x micro batch 32 x accum 2 = global batch 64 | 1438 train images, 22.47 steps/epoch "
+            "(22 per pass of the loader)") in result.stdout
     saved = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert saved["grad_accum"] == 2 and saved["global_batch"] == 64 and saved["total_steps"] == 2
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["images_seen"] == 2 * 64

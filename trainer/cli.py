@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer",
         description="EfficientNet training through DeepSpeed, reproducing the TF recipe and its ablations.",
-        epilog="verbs:\n  train     train a recipe (see `train --help`)\n  recipes   list recipes and their variants\n"
+        epilog="verbs:\n  train     train a recipe (see `train --help`)\n"
+               "  eval      top-1/top-5 of a run's checkpoint or a weights file on a validation set\n"
+               "  recipes   list recipes and their variants\n"
                "  pack      pack an ImageFolder tree into one LMDB file\n"
                "  bench     bench data: input-pipeline images/s against torchvision's ImageFolder;\n"
                "            bench train: a bare PyTorch loop against the trainer, eager and compiled\n"
@@ -47,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after optimizer step N as if interrupted (checkpoint, status interrupted)")
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    evaluate = verbs.add_parser(
+        "eval", help="evaluate a run's checkpoint (model and EMA) or a weights file on a validation set",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Top-1, top-5 and loss of a run's checkpoint (--run-dir, --checkpoint) or of a timm state "
+                    "dict (--weights, with --recipe and overrides for the model and data), on data.val_path or "
+                    "the run's own held-out split, with the recipe's eval transform. Writes the numbers as JSON "
+                    "beside the run (eval-<tag>.json) or to --out. Runs under the deepspeed launcher too.",
+        epilog="examples:\n  python -m trainer eval --run-dir runs/b0 --checkpoint best data.val_path=/data/imagenet/val\n"
+               "  python -m trainer eval --weights runs/b0/ema.safetensors --recipe tf_efficientnet_b0 "
+               "data.val_path=/data/imagenet/val\n")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", type=Path, help="a run directory: its config and checkpoints")
+    source.add_argument("--weights", type=Path, help="a .safetensors or .pth state dict (timm's keys)")
+    evaluate.add_argument("--checkpoint", default="latest", help="with --run-dir: latest (default), best, or a tag")
+    evaluate.add_argument("--recipe", help="with --weights: the recipe whose model and eval transform to use")
+    evaluate.add_argument("--out", type=Path, help="where to write the JSON (default: beside the run or weights)")
+    evaluate.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (data.val_path=...)")
 
     verbs.add_parser("recipes", help="list recipes and their variants")
 
@@ -140,6 +161,15 @@ def cmd_train(args) -> int:
     return 0 if summary["status"] in ("completed", "interrupted") else 1
 
 
+def cmd_eval(args) -> int:
+    from .tools.evaluate_weights import evaluate_weights
+
+    if args.weights is not None and args.recipe is None:
+        raise ConfigError("--weights needs --recipe: the model and eval transform the weights are for")
+    evaluate_weights(args.run_dir, args.checkpoint, args.weights, args.recipe, args.overrides, args.out)
+    return 0
+
+
 def cmd_recipes(args) -> int:
     for name in available_recipes():
         recipe = read_recipe(name)
@@ -216,12 +246,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     # overrides may stand anywhere among the options: collect the leftovers as overrides
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.verb not in ("train", "sweep") or any(item.startswith("-") for item in extra)):
+    if extra and (args.verb not in ("train", "sweep", "eval") or any(item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
     try:
-        return {"train": cmd_train, "recipes": cmd_recipes, "pack": cmd_pack, "bench": cmd_bench,
+        return {"train": cmd_train, "eval": cmd_eval, "recipes": cmd_recipes, "pack": cmd_pack, "bench": cmd_bench,
                 "sweep": cmd_sweep, "report": cmd_report}[args.verb](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

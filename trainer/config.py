@@ -35,6 +35,10 @@ class DataConfig(Section):
     synthetic_images: int = Field(1024, ge=2)
     # imagefolder: the root (class folders); lmdb: the file `python -m trainer pack ROOT FILE` wrote
     path: Optional[str] = None
+    # a separate validation set (ImageNet's 50,000 validation images as class folders, or an LMDB packed
+    # from them) with the training classes: then all of `path` trains. Unset: val_fraction of `path` is
+    # held out with split_seed, and the run says its numbers come from training images
+    val_path: Optional[str] = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0  # the train/val split is fixed by this seed, not by the run seed
     image_size: int = Field(32, ge=8)
@@ -405,6 +409,12 @@ def load_config(recipe: str, overrides: list[str] = (), variant: Optional[str] =
     tree.setdefault("recipe", recipe)
     tree["variant"] = variant
     tree.setdefault("name", recipe if variant is None else f"{recipe}-{variant.replace('/', '-')}")
+    return validated(tree, overrides)
+
+
+def validated(tree: dict, overrides: list[str] = ()) -> Config:
+    """A config tree (a recipe's, or a run's saved config.yaml) with `key=value` overrides applied."""
+    tree = move_legacy_keys(tree)
     for text in overrides:
         path, value = parse_override(text)
         path = LEGACY_KEYS.get(".".join(path), ".".join(path)).split(".")

@@ -21,6 +21,7 @@ from .config import Config, save_config
 from .distributed import Distributed, barrier, init_distributed, mean_over_ranks, union_over_ranks
 from .engine import Collapsed
 from .evaluate import evaluate_model_and_ema
+from .export import code_versions, export_weights
 from .plan import check_same_batch
 from .rundir import claim_run_dir
 from .state import TrainState
@@ -121,13 +122,17 @@ class Run:
     def open(cls, cfg: Config, parts: Parts, dist: Distributed, run_dir: Optional[Path], resume) -> "Run":
         run_dir = claim_run_dir(cfg, run_dir, resume, dist)
         state = restore(parts, run_dir / "checkpoints", resume, dist)
+        versions = code_versions()
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             write_json_atomic(run_dir / "plan.json", parts.plan.to_dict())
-        tracker = Tracker(run_dir, cfg.to_dict(), cfg.wandb, cfg.name, enabled=dist.is_main, resume_step=state.step)
+            write_json_atomic(run_dir / "versions.json", versions)
+        tracker = Tracker(run_dir, {**cfg.to_dict(), "versions": versions}, cfg.wandb, cfg.name, enabled=dist.is_main,
+                          resume_step=state.step)
         engine = parts.step.engine
         log.info(f"run {cfg.name}: {run_dir} | {parts.plan.banner()} | peak lr {parts.schedule.peak:.4g} | "
                  f"{cfg.model.name} {cfg.engine.precision} ZeRO {cfg.engine.zero_stage} on {engine.device}")
+        log.info(f"validation: {parts.loaders.validation}")
         # a resumed run continues the logging window its checkpoint was in (exact metrics after resume)
         window = Window(torch.tensor(state.loss_window_sum, device=engine.device), state.loss_window_count)
         bar = tqdm(total=parts.plan.total_steps, initial=state.step, desc="train", disable=not dist.is_main,
@@ -207,6 +212,8 @@ class Run:
         best = {"metric": keep_best, "value": state.best[keep_best]} if new_best else None
         checkpoint.save(engine.ds, self.run_dir / "checkpoints", state.step, client, self.cfg.checkpoint.keep,
                         self.dist.is_main, best=best)
+        if new_best and self.dist.is_main:
+            export_weights(self.run_dir, engine.module, self.parts.step.ema.module, prefix="best_")
         self.window.pause(paused)  # checkpoint time is not training time
 
     def diagnose(self, collapse: Collapsed) -> None:
@@ -231,6 +238,8 @@ class Run:
         self.bar.close()
         if status == "interrupted":
             log.info(f"{stopped_by}: checkpoint written at step {self.state.step}; resume with --resume")
+        if status == "completed" and self.dist.is_main:
+            export_weights(self.run_dir, self.parts.step.engine.module, self.parts.step.ema.module)
         result = self.summary(status)
         self.tracker.summary(result)
         self.tracker.finish(exit_code=0 if status in ("completed", "interrupted") else 1)
@@ -245,7 +254,8 @@ class Run:
         agreed = status in ("completed", "interrupted")
         corrupt = self.corrupt_images() if agreed else self.parts.loaders.corrupt_indices()
         return {"status": status, "skipped_steps": state.skipped_steps, "corrupt_images": len(corrupt),
-                "run_dir": str(self.run_dir), "steps": state.step, "total_steps": plan.total_steps,
+                "run_dir": str(self.run_dir), "validation": self.parts.loaders.validation,
+                "steps": state.step, "total_steps": plan.total_steps,
                 "epochs": plan.epoch_at(state.step), "images_seen": state.images_seen,
                 "images_per_s": state.images_seen / max(state.train_seconds, 1e-9),
                 "wall_time_s": time.time() - self.started, "final": state.last_eval, "best": state.best,

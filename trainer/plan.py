@@ -34,9 +34,11 @@ class RunPlan:
     global_batch: int
     train_images: int  # the training split
     micro_batches_per_epoch: int  # per rank, as the loader hands them out (the last partial one dropped)
-    steps_per_epoch: int  # optimizer steps in one pass over the data (left-over micro batches dropped)
-    tf_steps_per_epoch: float  # TF's count: train images / global batch, a fraction
-    schedule_epoch: float  # optimizer steps in one epoch of the lr schedule (train.epoch_scale x the data)
+    steps_per_epoch: int  # optimizer steps the loader gives in one pass (left-over micro batches dropped)
+    # TF's count, train images / global batch, a fraction: an epoch of the lr schedule, of the logged
+    # `epoch` and of the cadence, whatever the loader drops (TF repeats its data set and counts steps)
+    tf_steps_per_epoch: float
+    schedule_epoch: float  # optimizer steps in one epoch of the lr schedule (train.epoch_scale x TF's epoch)
     warmup_steps: int
     total_steps: int
     log_every: int
@@ -53,21 +55,22 @@ class RunPlan:
             raise ConfigError(f"data: {train_images} training images are fewer than one global batch "
                               f"({global_batch} = world size {world_size} x train.micro_batch {train.micro_batch} "
                               f"x accumulation {grad_accum}); lower train.micro_batch or the accumulation")
-        schedule_epoch = steps_per_epoch * train.epoch_scale
+        tf_epoch = train_images / global_batch
+        schedule_epoch = tf_epoch * train.epoch_scale
         return cls(
             world_size=world_size, micro_batch=train.micro_batch, grad_accum=grad_accum, global_batch=global_batch,
             train_images=train_images, micro_batches_per_epoch=micro_batches_per_epoch,
-            steps_per_epoch=steps_per_epoch, tf_steps_per_epoch=train_images / global_batch,
-            schedule_epoch=schedule_epoch,
+            steps_per_epoch=steps_per_epoch, tf_steps_per_epoch=tf_epoch, schedule_epoch=schedule_epoch,
             warmup_steps=int(warmup_epochs * schedule_epoch),  # TF truncates too
-            total_steps=min(train.max_steps or math.inf, math.ceil(train.epochs * schedule_epoch)),
+            # TF truncates: 350 epochs of 1,281,167 images at 2048 are its 218,949 steps
+            total_steps=min(train.max_steps or math.inf, max(1, int(train.epochs * schedule_epoch))),
             log_every=train.log_every_steps,
-            eval_every=max(1, round(train.eval_every_epochs * steps_per_epoch)),
-            checkpoint_every=max(1, round(checkpoint.every_epochs * steps_per_epoch)))
+            eval_every=max(1, round(train.eval_every_epochs * tf_epoch)),
+            checkpoint_every=max(1, round(checkpoint.every_epochs * tf_epoch)))
 
     def epoch_at(self, step: int) -> float:
-        """Passes over the data after `step` optimizer steps."""
-        return step / self.steps_per_epoch
+        """Epochs of training images seen after `step` optimizer steps (TF's count)."""
+        return step / self.tf_steps_per_epoch
 
     def is_last(self, step: int) -> bool:
         return step >= self.total_steps
@@ -91,8 +94,8 @@ class RunPlan:
 
     def banner(self) -> str:
         return (f"world {self.world_size} x micro batch {self.micro_batch} x accum {self.grad_accum} = global batch "
-                f"{self.global_batch} | {self.train_images} train images, {self.steps_per_epoch} steps/epoch, "
-                f"{self.total_steps} steps")
+                f"{self.global_batch} | {self.train_images} train images, {self.tf_steps_per_epoch:.2f} steps/epoch "
+                f"({self.steps_per_epoch} per pass of the loader), {self.warmup_steps} warmup, {self.total_steps} steps")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,6 +4,7 @@ shard exactly across ranks and resume mid-epoch, uint8 batches stacked channels-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -17,15 +18,66 @@ from .transforms import eval_transform, train_transform
 
 
 def open_source(cfg: DataConfig) -> ImageSource:
+    if cfg.source in ("imagefolder", "lmdb") and not cfg.path:
+        example = "/data/imagenet/train" if cfg.source == "imagefolder" else "/data/imagenet-train.lmdb"
+        raise ConfigError(f"data.path is not set: source={cfg.source} needs "
+                          f"{'the ImageFolder root' if cfg.source == 'imagefolder' else 'the packed LMDB file'} "
+                          f"(for example data.path={example})")
     if cfg.source == "digits":
         return digits_images()
     if cfg.source == "synthetic":
         return synthetic_images(cfg.synthetic_images, cfg.image_size, cfg.split_seed)
-    if cfg.source == "lmdb":
+    return open_path(cfg.path, lmdb=cfg.source == "lmdb")
+
+
+def open_path(path: str, lmdb: bool) -> ImageSource:
+    if lmdb:
         from .lmdb_source import LmdbImages
 
-        return LmdbImages(cfg.path)
-    return FolderImages(cfg.path)
+        return LmdbImages(path)
+    return FolderImages(path)
+
+
+def open_validation(cfg: DataConfig, train: ImageSource) -> ImageSource:
+    """data.val_path: an ImageFolder tree, or an LMDB file packed from one, with the training classes."""
+    if cfg.source not in ("imagefolder", "lmdb"):
+        raise ConfigError(f"data.val_path needs source imagefolder or lmdb (source is {cfg.source})")
+    val = open_path(cfg.val_path, lmdb=Path(cfg.val_path).is_file())
+    if val.classes != train.classes:
+        first = next((i for i, (a, b) in enumerate(zip(train.classes, val.classes)) if a != b),
+                     min(len(train.classes), len(val.classes)))
+        there = lambda classes: repr(classes[first]) if first < len(classes) else "nothing"  # noqa: E731
+        raise ConfigError(f"data.val_path {cfg.val_path}: its classes differ from data.path's at class {first}: "
+                          f"{there(val.classes)} there, {there(train.classes)} in the training data "
+                          f"({len(val.classes)} vs {len(train.classes)} classes)")
+    return val
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which images train and which evaluate, and what the evaluation numbers are of."""
+    train: ImageSource
+    train_indices: list[int]
+    val: ImageSource
+    val_indices: list[int]
+    description: str  # for the banner and summary.json
+
+
+def split_sources(cfg: DataConfig) -> Split:
+    """All of data.path trains when data.val_path is set; otherwise a fixed fraction of it is held out."""
+    images = open_source(cfg)
+    if len(images) < 2:
+        raise ConfigError(f"data: {cfg.path or cfg.source} holds {len(images)} images; need at least 2")
+    if cfg.val_path:
+        val = open_validation(cfg, images)
+        return Split(images, list(range(len(images))), val, list(range(len(val))),
+                     f"data.val_path {cfg.val_path} ({len(val)} images)")
+    train_idx, val_idx = split_indices(len(images), cfg.val_fraction, cfg.split_seed)
+    held_out = (f"{len(val_idx)} images held out of the training data (data.val_fraction {cfg.val_fraction}, "
+                f"split_seed {cfg.split_seed})")
+    if cfg.source in ("imagefolder", "lmdb"):
+        held_out += ": not a separate validation set; set data.val_path for one"
+    return Split(images, train_idx, images, val_idx, held_out)
 
 
 class TransformedSubset(Dataset):
@@ -102,47 +154,65 @@ class Loaders:
     num_classes: int
     train_size: int  # images in the training split
     val_size: int
+    validation: str  # what the evaluation numbers are of
 
     def start_epoch(self, epoch: int, skip_samples: int = 0):
         self.train.dataset.epoch = epoch
         self.train_sampler.set_epoch(epoch, skip_samples)
 
+    def _flag_sets(self) -> list[torch.Tensor]:
+        """The corrupt flags of the training source, then of a separate validation source."""
+        train, val = self.train.dataset.images, self.val.dataset.images
+        return [train.corrupt] if val is train else [train.corrupt, val.corrupt]
+
     def corrupt_indices(self) -> set[int]:
-        """The source's images known not to decode (train and val): found on this rank, or marked."""
-        return set(self.train.dataset.images.corrupt.nonzero().flatten().tolist())
+        """The images known not to decode (train and val): found on this rank, or marked. A separate
+        validation source's images are numbered after the training source's."""
+        found, offset = set(), 0
+        for flags in self._flag_sets():
+            found |= {offset + i for i in flags.nonzero().flatten().tolist()}
+            offset += len(flags)
+        return found
 
     def mark_corrupt(self, indices):
         """Flag images that another rank or an earlier session found corrupt: still replaced when
         drawn, counted, not reported again. The workers see the flags: they are in shared memory."""
-        self.train.dataset.images.corrupt[sorted(indices)] = 1
+        offset = 0
+        for flags in self._flag_sets():
+            mine = [i - offset for i in indices if offset <= i < offset + len(flags)]
+            flags[mine] = 1
+            offset += len(flags)
+
+
+def loader_options(cfg: DataConfig, seed: int) -> dict:
+    # generator: each new iterator draws its workers' base seed from it; from the global generator
+    # that draw would shift the model's dropout numbers, so a resumed run would not redraw them exactly
+    return dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                collate_fn=collate_channels_last, persistent_workers=False,
+                generator=torch.Generator().manual_seed(seed))
+
+
+def val_loader(split: Split, cfg: DataConfig, batch: int, seed: int, rank: int, world_size: int) -> DataLoader:
+    """Every validation image exactly once over the ranks, with the eval transform."""
+    synthetic = cfg.source == "synthetic"  # already at size: no transform
+    val_set = TransformedSubset(split.val, split.val_indices, None if synthetic else eval_transform(cfg), seed=seed)
+    return DataLoader(val_set, batch_size=batch, sampler=ExactShardSampler(len(val_set), rank, world_size),
+                      **loader_options(cfg, seed))
 
 
 def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world_size: int) -> Loaders:
-    if cfg.source in ("imagefolder", "lmdb") and not cfg.path:
-        example = "/data/imagenet/train" if cfg.source == "imagefolder" else "/data/imagenet-train.lmdb"
-        raise ConfigError(f"data.path is not set: source={cfg.source} needs "
-                          f"{'the ImageFolder root' if cfg.source == 'imagefolder' else 'the packed LMDB file'} "
-                          f"(for example data.path={example})")
-    images = open_source(cfg)
-    if len(images) < 2:
-        raise ConfigError(f"data: {cfg.path or cfg.source} holds {len(images)} images; need at least 2")
-    train_idx, val_idx = split_indices(len(images), cfg.val_fraction, cfg.split_seed)
+    split = split_sources(cfg)
     synthetic = cfg.source == "synthetic"  # already at size: no transform, the pipeline costs nothing
-    train_set = TransformedSubset(images, train_idx, None if synthetic else train_transform(cfg), seed=seed)
-    val_set = TransformedSubset(images, val_idx, None if synthetic else eval_transform(cfg), seed=seed)
+    train_set = TransformedSubset(split.train, split.train_indices, None if synthetic else train_transform(cfg),
+                                  seed=seed)
     base = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     train_sampler = ResumableSampler(base)
-    # generator: each new iterator draws its workers' base seed from it; from the global generator
-    # that draw would shift the model's dropout numbers, so a resumed run would not redraw them exactly
-    common = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                  collate_fn=collate_channels_last, persistent_workers=False,
-                  generator=torch.Generator().manual_seed(seed))
+    val = val_loader(split, cfg, micro_batch, seed, rank, world_size)
     return Loaders(
-        train=DataLoader(train_set, batch_size=micro_batch, sampler=train_sampler, drop_last=True, **common),
-        val=DataLoader(val_set, batch_size=micro_batch, sampler=ExactShardSampler(len(val_set), rank, world_size),
-                       **common),
-        train_sampler=train_sampler, num_classes=len(images.classes),
-        train_size=len(train_set), val_size=len(val_set))
+        train=DataLoader(train_set, batch_size=micro_batch, sampler=train_sampler, drop_last=True,
+                         **loader_options(cfg, seed)),
+        val=val, train_sampler=train_sampler, num_classes=len(split.train.classes),
+        train_size=len(train_set), val_size=len(val.dataset), validation=split.description)
 
 
 _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
