@@ -129,7 +129,7 @@ TIMING = {"images_per_s"}
 def test_resume_is_exact_mid_epoch_and_at_an_epoch_boundary(cli, tmp_path):
     full = cli("train", "--recipe", "demo", "--run-dir", "full", *EXACT)
     assert full.returncode == 0, full.stderr[-3000:]
-    assert "11 steps/epoch, 22 steps" in full.stdout
+    assert "11.23 steps/epoch (11 per pass of the loader)" in full.stdout and ", 22 steps |" in full.stdout
     reference_rows = [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
     reference = final_state(tmp_path / "full")
 
