@@ -23,7 +23,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# TensorFlow's own outputs that tests/test_tf_pipeline.py compares with (trainer/tf_pipeline.py, the lr
+# TensorFlow's own outputs that tests/test_tf_pipeline.py compares with (trainer/data/tf_pipeline.py, the lr
 # schedule). TF lives in its own venv, never the project's: `make test` reads the committed fixtures.
 TF_VENV ?= .venv-tf
 TF_STAMP := $(TF_VENV)/.installed

@@ -211,7 +211,7 @@ def test_every_auto_augment_op_runs_at_every_draw(policy):
     """Each op forced on, many draws: TF's v0 asks Posterize for 0 bits, which Pillow 13 refuses."""
     from trainer.data.augment import build_auto_augment
 
-    aa = build_auto_augment(policy, image_size=32, translate_pct=0.45, interpolation="bicubic")
+    aa = build_auto_augment(policy, image_size=32, translate_pct=0.45, interpolation="bicubic", tf_posterize=False)
     ops = aa.ops if hasattr(aa, "ops") else [op for sub_policy in aa.policy for op in sub_policy]
     for op in ops:
         op.prob = 1.0
@@ -219,9 +219,21 @@ def test_every_auto_augment_op_runs_at_every_draw(policy):
     for draw in range(200):
         with seeded(draw):
             assert aa(img).size == (32, 32)
-    if policy == "v0":  # TF's ('Posterize', 0.8, 2) keeps int(2 / 10 * 4) = 0 bits: a black image, as in TF
+    if policy == "v0":  # ('Posterize', 0.8, 2) keeps int(2 / 10 * 4) = 0 bits: timm (Pillow < 13) gives black
         zero_bits = next(op for op in ops if op.name == "Posterize" and op.magnitude == 2)
         assert not np.asarray(zero_bits(img)).any()
+
+
+def test_tf_pipeline_posterizes_zero_bits_as_tf_does():
+    """TF's CPU kernel clamps the shift of a 0-bit posterize to 7: {0, 128}, not black."""
+    from trainer.data.augment import build_auto_augment
+
+    aa = build_auto_augment("v0", image_size=32, translate_pct=0.45, interpolation="nearest", tf_posterize=True)
+    zero_bits = next(op for sub_policy in aa.policy for op in sub_policy if op.name == "Posterize" and op.magnitude == 2)
+    zero_bits.prob = 1.0
+    img = noise_image(32, 32)
+    out = np.asarray(zero_bits(img))
+    assert set(np.unique(out)) == {0, 128} and np.array_equal(out, (np.asarray(img) >= 128) * 128)
 
 
 @pytest.mark.parametrize("interpolation, new_values", [("nearest", False), ("bicubic", True), ("random", True)])
@@ -229,7 +241,7 @@ def test_auto_augment_geometry_samples_nearest_as_tf_does(interpolation, new_val
     from trainer.data.augment import build_auto_augment
 
     assert DataConfig().aa_interpolation == "nearest"  # tf.contrib.image's rotate and transform default
-    aa = build_auto_augment("v0", image_size=32, translate_pct=0.45, interpolation=interpolation)
+    aa = build_auto_augment("v0", image_size=32, translate_pct=0.45, interpolation=interpolation, tf_posterize=False)
     rotate = next(op for sub_policy in aa.policy for op in sub_policy if op.name == "Rotate")
     rotate.prob = 1.0
     img = noise_image(32, 32)

@@ -1,4 +1,4 @@
-"""trainer/tf_pipeline.py and the TF recipe's lr schedule against what TensorFlow itself computed
+"""trainer/data/tf_pipeline.py and the TF recipe's lr schedule against what TensorFlow itself computed
 (tests/tf_fixtures, written by `make tf-fixtures`; no TensorFlow needed here)."""
 import json
 import random
@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from trainer.config import ScheduleConfig
-from trainer.decode import EncodedImage, decode_pixels
+from trainer.data.decode import EncodedImage, decode_pixels
 from trainer.optim import LRSchedule
-from trainer.tf_pipeline import (TFCenterCrop, TFRandomCrop, crop_padding_for_fraction, tf_center_crop_box,
+from trainer.data.tf_pipeline import (TFCenterCrop, TFRandomCrop, crop_padding_for_fraction, tf_center_crop_box,
                                  tf_posterize, tf_resize_bicubic, tf_resize_bicubic_float,
                                  tf_sample_distorted_bounding_box, tf_train_crop_box)
 

@@ -49,6 +49,12 @@ class DataConfig(Section):
     # libjpeg's inverse DCT: "fast" (JDCT_IFAST) is TF decode_jpeg's default, so the TF recipe's pixels;
     # "accurate" (JDCT_ISLOW) is PIL's, within 4/255 of it and 5% slower to decode
     jpeg_dct: Literal["fast", "accurate"] = "fast"
+    # tf: TF's EfficientNet input pipeline (tensorflow/tpu preprocessing.py), reproduced: its crop sampler
+    # (sample_distorted_bounding_box, crops of at least 10%, its fallback to the eval crop), its eval crop
+    # (crop, then resize), its legacy bicubic resize (a = -0.75, no antialiasing) for both, and its 0-bit
+    # Posterize ({0, 128}). torchvision: RandomResizedCrop, resize-then-center-crop, antialiased bicubic
+    # (what the notes' PyTorch runs used), and timm's Posterize (0 bits: a black image).
+    pipeline: Literal["torchvision", "tf"] = "torchvision"
     # -- train augmentation, in this order: [AA], random-resized-crop, flip, [AA], color jitter;
     #    random erasing runs later, on the normalized batch (see trainer/data/batch_augment.py)
     # random-resized-crop area fraction and aspect ratio; TF: area (0.08, 1), aspect (3/4, 4/3)
@@ -85,6 +91,11 @@ class DataConfig(Section):
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+        tf_crop = (tuple(self.crop_scale), tuple(self.crop_ratio), self.interpolation) == ((0.08, 1.0), (0.75, 4 / 3),
+                                                                                            "bicubic")
+        if self.pipeline == "tf" and not tf_crop:  # a set value is never silently ignored
+            raise ValueError("pipeline tf crops and resizes as TF does (area (0.08, 1), aspect (3/4, 4/3), bicubic): "
+                             "leave crop_scale, crop_ratio and interpolation at those, or use pipeline torchvision")
         # source=imagefolder without data.path loads (a recipe names no machine's folder): the data
         # build refuses it, before anything is written (trainer/data/loaders.py build_loaders)
         return self
@@ -96,7 +107,7 @@ class DataConfig(Section):
             from .data.augment import build_auto_augment  # timm and torch: loaded only when a policy is set
 
             # build it: a policy string that does not parse fails here, at load, not in a worker mid-run
-            build_auto_augment(policy, image_size=224, translate_pct=0.45, interpolation="nearest")
+            build_auto_augment(policy, image_size=224, translate_pct=0.45, interpolation="nearest", tf_posterize=False)
         return policy
 
 

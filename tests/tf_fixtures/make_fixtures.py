@@ -1,5 +1,5 @@
 """Write what TensorFlow itself computes for the TF EfficientNet input pipeline and schedule, as small
-fixtures that tests/test_tf_pipeline.py pins trainer/tf_pipeline.py and trainer/optim.py to.
+fixtures that tests/test_tf_pipeline.py pins trainer/data/tf_pipeline.py and trainer/optim.py to.
 
 Runs with TensorFlow (CPU) in its own virtual environment, never the project's: `make tf-fixtures`
 builds it and runs this. The tests read the files it writes and never need TensorFlow.

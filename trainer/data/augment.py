@@ -9,11 +9,14 @@ from timm.data.auto_augment import auto_augment_transform, rand_augment_transfor
 from timm.data.auto_augment import posterize as timm_posterize  # named apart from ours below
 from timm.data.transforms import str_to_pil_interp
 
+from .tf_pipeline import tf_posterize_op
 
-def build_auto_augment(policy: str, image_size: int, translate_pct: float, interpolation: str):
+
+def build_auto_augment(policy: str, image_size: int, translate_pct: float, interpolation: str, tf_posterize: bool):
     """timm's AutoAugment ("original", "v0", ... "-mstd0.5") or RandAugment ("rand-m9-mstd0.5") from
-    its policy string, its geometric ops resampling with `interpolation` ("random": timm's draw); a
-    string that does not parse raises ValueError with a one-line message."""
+    its policy string, its geometric ops resampling with `interpolation` ("random": timm's draw), its
+    Posterize TF's (`tf_posterize`) or timm's; a string that does not parse raises ValueError with a
+    one-line message."""
     name, *sections = policy.split("-")
     for section in sections:
         # timm skips a section without a number ("rand-mnine"): we refuse it, so a typo cannot silently
@@ -38,14 +41,15 @@ def build_auto_augment(policy: str, image_size: int, translate_pct: float, inter
                          f"'original', 'v0', 'v0r-mstd0.5' or 'rand-m9-mstd0.5'") from None
     for op in ops:
         if op.name.startswith("Posterize"):
-            op.aug_fn = posterize_keeping_zero_bits
+            op.aug_fn = tf_posterize_op if tf_posterize else posterize_keeping_zero_bits
     return transform
 
 
 def posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize, except at 0 bits: TF's v0 policy asks for 0 (its ('Posterize', 0.8, 2)
-    keeps int(2 / 10 * 4) bits), as do RandAugment's top magnitudes. TF and older Pillow give a
-    black image; Pillow 13 raises ValueError, which stopped every image that drew that op."""
+    """timm's posterize, as it ran with Pillow before 13, which gave a black image for 0 bits (Pillow 13
+    raises ValueError there, which stopped every image that drew the op). AutoAugment v0 asks for 0 bits
+    (its ('Posterize', 0.8, 2) keeps int(2 / 10 * 4)), as do RandAugment's top magnitudes. TF gives
+    {0, 128} instead: tf_pipeline.tf_posterize_op, for data.pipeline=tf."""
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
     return timm_posterize(img, bits_to_keep)

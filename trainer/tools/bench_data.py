@@ -72,7 +72,8 @@ def bench_data(source: str, workers: int = 1, images: int = 2000, image_size: in
     # timm's training transforms at the same size and settings, full decode
     timm_aa = []  # as timm's train.py runs the policy: its default train interpolation, 'random'
     if auto_augment:
-        timm_aa = [build_auto_augment(auto_augment, image_size, cfg.aa_translate_pct, interpolation="random")]
+        timm_aa = [build_auto_augment(auto_augment, image_size, cfg.aa_translate_pct, interpolation="random",
+                                      tf_posterize=False)]
     reference = T.Compose([T.RandomResizedCrop(image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
                                                interpolation=T.InterpolationMode(cfg.interpolation), antialias=True),
                            T.RandomHorizontalFlip(cfg.hflip), *timm_aa, T.ToImage(), T.ToDtype(torch.uint8)])
@@ -88,6 +89,10 @@ def bench_data(source: str, workers: int = 1, images: int = 2000, image_size: in
         transform = train_transform(cfg.model_copy(update={"jpeg_draft": draft, "jpeg_dct": dct}))
         rows.append((f"trainer {kind}, jpeg_draft={str(draft).lower()} jpeg_dct={dct}",
                      TransformedSubset(ours, picked, transform, seed), collate_channels_last))
+    # TF's pipeline (the tf_efficientnet recipes'): its crop sampler, full decode, legacy bicubic
+    tf_transform = train_transform(cfg.model_copy(update={"pipeline": "tf"}))
+    rows.append((f"trainer {kind}, pipeline=tf", TransformedSubset(ours, picked, tf_transform, seed),
+                 collate_channels_last))
     best = {name: 0.0 for name, _, _ in rows}
     for _ in range(repeats):
         for name, dataset, collate in rows:
