@@ -258,7 +258,7 @@ BAD_INPUT = {
                                                "train_micro_batch_size_per_gpu=7 contradicts the trainer's "
                                                "train.micro_batch=32"),
     "--resume without a run": (["--run-dir", "nothing_here", "--resume", *TINY, *QUIET],
-                               "nothing_here holds no checkpoint to resume from"),
+                               "nothing_here holds no run to resume"),
     "--resume without --run-dir": (["--resume", *TINY, *QUIET], "resuming needs --run-dir"),
     "run dir holds another run": (["--run-dir", "run", *TINY, *QUIET, "train.micro_batch=32",
                                    "train.max_steps=2"], "run directory run already holds a run"),

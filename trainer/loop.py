@@ -1,4 +1,4 @@
-"""The training run, read top to bottom: `fit` builds the parts, restores, then loops
+"""The training run, read top to bottom: `fit` builds the parts and restores, `train` loops
 step -> agree on stop -> log -> evaluate -> checkpoint, and closes. The step itself is in step.py.
 
     python -m trainer train --recipe demo
@@ -35,32 +35,40 @@ METRIC_NAMES = ("top1", "top5", "ema_top1", "ema_top5")
 def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int | None = None) -> dict:
     """Train `cfg` into `run_dir`. resume: None (a fresh run), "auto" (continue if a checkpoint exists)
     or "required". stop_at_step: behave as if a signal came right after that optimizer step."""
-    dist = init_distributed(cfg.train.collective_timeout_s)
-    log.setup_logging(dist.is_main)
-    parts = build_parts(cfg, dist)  # may refuse the config: nothing has been written yet
-    run = Run.open(cfg, parts, dist, run_dir, resume)  # the run directory claimed, a checkpoint restored
-    plan, state = parts.plan, run.state
-    stop = StopRequest(dist.cpu_group, at_step=stop_at_step)
+    stop = StopRequest(at_step=stop_at_step)
+    with stop.handling_signals():  # from the start: a signal during start-up stops the run cleanly too
+        dist = init_distributed(cfg.train.collective_timeout_s)
+        stop.group = dist.cpu_group
+        log.setup_logging(dist.is_main)
+        parts = build_parts(cfg, dist)  # may refuse the config: nothing has been written yet
+        run = Run.open(cfg, parts, dist, run_dir, resume)  # the run directory claimed, a checkpoint restored
+        return train(run, stop)
+
+
+def train(run: "Run", stop: StopRequest) -> dict:
+    """The loop, from the run's state to its end or an agreed stop: step -> agree on stop -> log ->
+    evaluate -> checkpoint. The summary is written whatever ends it."""
+    parts, plan, state = run.parts, run.parts.plan, run.state
     status = "failed"
     try:
-        with stop.handling_signals():
-            while not plan.is_last(state.step) and stop.agreed is None:
-                for micro_batches in steps_of_epoch(parts, state):
-                    result = train_step(parts.step, micro_batches, state.epoch, state.batches_in_epoch,
-                                        state.step, parts.schedule(state.step))  # raises Collapsed
-                    state.count_step(len(micro_batches), plan.global_batch)
-                    run.after_step(result)
-                    stop.agree(state.step)  # every rank stops at the same step, or none does
-                    if plan.logs_at(state.step):
-                        run.log_train(result)
-                    new_best = run.evaluate() if plan.evaluates_at(state.step) else False
-                    if plan.checkpoints_at(state.step) or stop.agreed or new_best:
-                        stop.checkpointing = stop.agreed is not None  # a signal now stops at once
-                        run.save_checkpoint(new_best)
-                    if plan.is_last(state.step) or stop.agreed:
-                        break
-                else:  # the epoch's batches ran out: the next epoch starts at its first batch
-                    state.next_epoch()
+        stop.agree(state.step)  # a signal during start-up: stop before the first step
+        while not plan.is_last(state.step) and stop.agreed is None:
+            for micro_batches in steps_of_epoch(parts, state):
+                result = train_step(parts.step, micro_batches, state.epoch, state.batches_in_epoch, state.step,
+                                    parts.schedule(state.step))  # raises Collapsed
+                state.count_step(len(micro_batches), plan.global_batch)
+                run.after_step(result)
+                stop.agree(state.step)  # every rank stops at the same step, or none does
+                if plan.logs_at(state.step):
+                    run.log_train(result)
+                new_best = run.evaluate() if plan.evaluates_at(state.step) else False
+                if plan.checkpoints_at(state.step) or stop.agreed or new_best:
+                    stop.checkpointing = stop.agreed is not None  # a signal now stops at once
+                    run.save_checkpoint(new_best)
+                if plan.is_last(state.step) or stop.agreed:
+                    break
+            else:  # the epoch's batches ran out: the next epoch starts at its first batch
+                state.next_epoch()
         status = "completed" if plan.is_last(state.step) else "interrupted"
     except Collapsed as collapse:
         status = "collapsed"
@@ -121,7 +129,7 @@ class Run:
     @classmethod
     def open(cls, cfg: Config, parts: Parts, dist: Distributed, run_dir: Optional[Path], resume) -> "Run":
         run_dir = claim_run_dir(cfg, run_dir, resume, dist)
-        state = restore(parts, run_dir / "checkpoints", resume, dist)
+        state = restore(parts, run_dir / "checkpoints")
         versions = code_versions()
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
@@ -265,11 +273,13 @@ class Run:
                 **{f"best_{k}": state.best.get(k) for k in METRIC_NAMES}}
 
 
-def restore(parts: Parts, ckpt_dir: Path, resume, dist: Distributed) -> TrainState:
+def restore(parts: Parts, ckpt_dir: Path) -> TrainState:
     """The state of the newest complete checkpoint, loaded into the engine, the EMA and the RNGs; a fresh
-    state when there is none (or resume is None)."""
-    tag = checkpoint.latest_tag(ckpt_dir) if resume else None
+    state when there is none (claim_run_dir has refused a directory that must not be resumed)."""
+    tag = checkpoint.latest_tag(ckpt_dir)
     if tag is None:
+        if (ckpt_dir.parent / "config.yaml").exists():
+            log.info(f"{ckpt_dir.parent} holds no checkpoint yet: the run starts again from step 0")
         return TrainState()
     engine = parts.step.engine
     client = checkpoint.load(engine.ds, ckpt_dir, tag)

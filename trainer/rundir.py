@@ -59,17 +59,20 @@ def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
         return f"run directory {run_dir} is a file, not a directory"
     saved_config = run_dir / "config.yaml"
     has_checkpoint = latest_tag(run_dir / "checkpoints") is not None
-    if resume == "required" and not has_checkpoint:
-        return f"--resume: {run_dir} holds no checkpoint to resume from"
     if saved_config.exists():
-        if resume is None:
+        differences = _differences(move_legacy_keys(yaml.safe_load(saved_config.read_text())), cfg)
+        if resume is None and (has_checkpoint or differences):
             return (f"run directory {run_dir} already holds a run; pass --resume to continue it "
                     f"or choose another --run-dir")
-        differences = _differences(move_legacy_keys(yaml.safe_load(saved_config.read_text())), cfg)
         if differences:
             return (f"run directory {run_dir} holds a run with a different config ({'; '.join(differences)}); "
                     f"resume with the same settings")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+        # resumed, or the same run stopped before its first checkpoint (a signal during start-up, a
+        # kill): it starts again from step 0, a plain rerun as much as --resume
+        return None
+    if resume == "required":
+        return f"--resume: {run_dir} holds no run to resume"
+    if run_dir.exists() and any(run_dir.iterdir()):
         return f"run directory {run_dir} is not empty and holds no run"
     return None
 

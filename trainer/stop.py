@@ -1,16 +1,25 @@
 """Stopping on a signal: SIGTERM or SIGINT asks every rank to checkpoint and stop at the same step
-boundary; the handlers are the run's only while it trains.
+boundary; the handlers are the run's only while it runs (start-up included).
 
-Clusters stop a job by signalling every process of it, and launchers forward what they receive, so
-one request often arrives twice in a moment (the group's signal, then the launcher's copy): a repeat
-of the same signal within REPEAT_WINDOW_S counts as the same request. A signal that arrives once
-the stop checkpoint is being written, a later one, or a third, stops the process at once."""
+Clusters stop a job by signalling every process of it (SLURM's scancel and time limit, docker stop,
+Ctrl-C in a terminal), and launchers forward what they receive, so one request often arrives twice in
+a moment: the group's signal, then the launcher's copy (DeepSpeed's launch.py sends SIGTERM to each
+rank it started, torchrun likewise). A second signal within REPEAT_WINDOW_S of the first counts as the
+same request. A signal once the stop checkpoint is being written, a later second one, or a third,
+stops the process at once.
+
+DeepSpeed's `deepspeed` command forwards nothing when it is itself signalled (on one node it just
+dies, and its launch.py and the ranks train on as orphans): a rank whose launch.py has lost the
+`deepspeed` process above it takes that as a stop request too."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from typing import Optional
+
+import psutil
 
 from .distributed import any_rank
 
@@ -25,6 +34,7 @@ class StopRequest:
 
     def __init__(self, group=None, at_step: Optional[int] = None):
         self.group = group  # a gloo group: the agreement is a host-side all_reduce, no device sync
+        self.launcher = LauncherWatch()
         self.at_step = at_step  # --stop-at-step: behave as if a signal came right after this step
         self.agreed: Optional[str] = None  # why every rank stops at this step boundary
         self.received: Optional[str] = None  # this rank's own signal, not yet agreed
@@ -38,8 +48,7 @@ class StopRequest:
         if self.deliveries == 1:
             self.received, self.first_at = name, time.monotonic()
             return
-        repeat = (name == self.received and self.deliveries == 2
-                  and time.monotonic() - self.first_at < REPEAT_WINDOW_S)
+        repeat = self.deliveries == 2 and time.monotonic() - self.first_at < REPEAT_WINDOW_S
         if self.checkpointing or not repeat:
             raise KeyboardInterrupt(f"{name} while stopping: stopped at once")
 
@@ -58,7 +67,31 @@ class StopRequest:
         """Every rank calls this at every step boundary: a signal on any rank stops them all."""
         if self.agreed is not None:
             return
+        if self.received is None and self.launcher.gone():
+            self.received = f"the deepspeed launcher (PID {self.launcher.runner_pid}) exited"
         if step == self.at_step:  # the same step on every rank: no collective needed
             self.agreed = f"--stop-at-step {step}"
         elif any_rank(self.received is not None, self.group):
             self.agreed = self.received or "a signal to another rank"
+
+
+class LauncherWatch:
+    """Whether this rank's DeepSpeed launch.py still has the `deepspeed` process that started it."""
+
+    def __init__(self):
+        self.launch_pid = self.runner_pid = None
+        try:
+            parent = psutil.Process(os.getppid())
+            if "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
+                self.launch_pid, self.runner_pid = parent.pid, parent.ppid()
+        except psutil.Error:
+            pass
+
+    def gone(self) -> bool:
+        """A few microseconds: called at every step boundary."""
+        if self.launch_pid is None:
+            return False
+        try:
+            return psutil.Process(self.launch_pid).ppid() != self.runner_pid  # re-parented: its parent died
+        except psutil.NoSuchProcess:
+            return True

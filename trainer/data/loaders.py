@@ -3,6 +3,7 @@ shard exactly across ranks and resume mid-epoch, uint8 batches stacked channels-
 `normalize`, which turns them into the model's floats in the training process."""
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,12 +185,20 @@ class Loaders:
             offset += len(flags)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker leaves SIGINT and SIGTERM to the training process. A cluster signals every
+    process of a job: a worker that died of it would fail the run ("DataLoader worker killed by signal")
+    before the training process could checkpoint; the loader ends its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def loader_options(cfg: DataConfig, seed: int) -> dict:
     # generator: each new iterator draws its workers' base seed from it; from the global generator
     # that draw would shift the model's dropout numbers, so a resumed run would not redraw them exactly
     return dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                 collate_fn=collate_channels_last, persistent_workers=False,
-                generator=torch.Generator().manual_seed(seed))
+                generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
 
 
 def val_loader(split: Split, cfg: DataConfig, batch: int, seed: int, rank: int, world_size: int) -> DataLoader:

@@ -88,8 +88,8 @@ def run_sweep(runs: list[SweepRun]) -> int:
 
     def stop(signum, frame):
         stopping.append(signum)
-        if child and signum == signal.SIGTERM:  # Ctrl-C reaches the child itself through the terminal
-            child[0].send_signal(signal.SIGTERM)
+        if child:  # passed on: the run counts a copy of a signal it also got from its group as one request
+            child[0].send_signal(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     failed = []
