@@ -189,7 +189,7 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
     ds_config = build_ds_config(t, dist.world_size)
     precision.check_precision_supported(t.precision, t.allow_cpu_fp16)
     model = build_model(cfg.model, loaders.num_classes)
-    run_dir = claim_run_dir(cfg, run_dir, resume, dist)
+    run_dir, run_lock = claim_run_dir(cfg, run_dir, resume, dist)  # rank 0 owns run_dir until release()
 
     from deepspeed.accelerator import get_accelerator
     device = torch.device(get_accelerator().device_name(dist.local_rank))
@@ -366,5 +366,6 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
         tracker.finish(exit_code=0 if status in ("completed", "interrupted") else 1)
         if status != "failed" and torch.distributed.is_initialized():
             torch.distributed.barrier()  # all ranks end together
+        run_lock.release()
     return result
 
