@@ -206,9 +206,9 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
 
     ckpt_dir = run_dir / "checkpoints"
     state = TrainState()
-    tag = checkpoint.latest_tag(ckpt_dir) if resume else None
-    if tag is not None:
-        client = checkpoint.load(engine, ckpt_dir, tag)
+    found = checkpoint.load_newest_intact(engine, ckpt_dir) if resume else None  # verified; skips a damaged one
+    if found is not None:
+        tag, client = found
         state = TrainState(**client["trainer"])
         loaders.mark_corrupt(state.corrupt_images)  # counted on, not reported again
         ema.load_state_dict(client["ema"])
@@ -350,6 +350,9 @@ def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int
         status = "completed" if state.step >= total_steps else "interrupted"
         if status == "interrupted" and dist.is_main:
             tqdm.write(f"{stop.signal}: checkpoint written at step {state.step}; resume with --resume")
+    except checkpoint.CheckpointWriteError as err:  # a full disk: the previous checkpoint is kept
+        if dist.is_main:
+            tqdm.write(f"error: {err}", file=sys.stderr)
     except Collapsed as collapse:
         status = "collapsed"
         if dist.is_main:  # replay the offending batch to name the first module that went non-finite
