@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,8 +42,9 @@ def sample_key(index: int) -> bytes:
 def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool = True) -> dict:
     """Pack the ImageFolder tree `src` into the LMDB file `dst`; return its meta."""
     import lmdb
-    from torchvision.datasets import ImageFolder
     from tqdm import tqdm
+
+    from .folder_scan import scan_image_folder
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -52,7 +54,7 @@ def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool =
     if dst.is_dir():
         raise ConfigError(f"pack: {dst} is a folder; name the LMDB file to write")
     try:
-        tree = ImageFolder(str(src))  # the scan, order and class list every source shares
+        tree = scan_image_folder(src)  # the scan, order and class list every source shares
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(f"pack: {src}: {str(err).splitlines()[0]}") from None
     total_bytes = sum(os.path.getsize(path) for path, _ in tree.samples if os.path.isfile(path))
@@ -71,14 +73,19 @@ def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool =
         for index, (path, label) in enumerate(tqdm(tree.samples, desc=f"pack {src.name}", unit="img",
                                                    disable=not progress, dynamic_ncols=True)):
             rel = os.path.relpath(path, src).encode()
-            with open(path, "rb") as f:
-                data = f.read()
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as err:  # a dangling link: kept as an empty record, a corrupt image when read,
+                data = b""  # as the folder source counts it (sample i stays sample i of the tree)
+                tqdm.write(f"warning: pack: cannot read {path} ({err.strerror}); packed as an empty, "
+                           f"corrupt image", file=sys.stderr)
             txn.put(sample_key(index), HEADER.pack(label, len(rel)) + rel + data)
             if (index + 1) % COMMIT_EVERY == 0:
                 txn.commit()
                 txn = env.begin(write=True)
         meta = {"format": FORMAT, "classes": tree.classes, "count": len(tree.samples), "source": str(src.resolve())}
-        txn.put(LABELS_KEY, np.asarray(tree.targets, dtype="<i4").tobytes())
+        txn.put(LABELS_KEY, np.asarray([label for _, label in tree.samples], dtype="<i4").tobytes())
         txn.put(META_KEY, json.dumps(meta).encode())  # last: its presence marks a complete pack
         txn.commit()
         env.sync(True)
