@@ -28,6 +28,7 @@ from typing import Optional
 from .config import ConfigError
 
 LOCK_NAME = "run.lock"
+PROBE_RETRIES = 5
 
 # locks held by this process. A forked child (a DataLoader worker) inherits the descriptor, and the
 # flock lives until the last copy closes: an owner killed with -9 would stay the owner until its
@@ -74,7 +75,10 @@ class RunLock:
         self.release()
 
     def __del__(self):  # a lock dropped without release() (an exception in the caller) is freed with it
-        self.release()
+        try:
+            self.release()
+        except Exception:  # at interpreter exit: the kernel releases it anyway
+            pass
 
 
 def _owner_text(path: Path) -> str:
@@ -108,6 +112,8 @@ def check_not_held(run_dir: Path) -> None:
         fd = os.open(path, os.O_RDONLY)
     except (FileNotFoundError, NotADirectoryError):
         return  # never locked (or not a directory: the caller's own checks say so)
+    except OSError as err:  # another user's run, most likely
+        raise ConfigError(f"run directory {run_dir}: cannot read {LOCK_NAME} ({err.strerror})") from None
     try:
         # a shared lock on a read-only descriptor: it conflicts only with an owner's exclusive lock
         if not _try_flock(fd, fcntl.LOCK_SH):
@@ -120,9 +126,17 @@ def acquire(run_dir: Path) -> RunLock:
     """Take run_dir (it must exist) for this process, or raise RunDirBusy naming the owner."""
     run_dir = Path(run_dir)
     path = run_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        if not _try_flock(fd, fcntl.LOCK_EX):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise ConfigError(f"run directory {run_dir}: cannot open {LOCK_NAME} ({err.strerror})") from None
+    try:
+        # a few tries: another process's check_not_held holds a shared lock for a moment
+        for _ in range(PROBE_RETRIES):
+            if _try_flock(fd, fcntl.LOCK_EX):
+                break
+            time.sleep(0.02)
+        else:
             raise _busy(run_dir, path)
         owner = {"pid": os.getpid(), "host": socket.gethostname(),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
