@@ -133,7 +133,8 @@ def test_a_full_disk_while_checkpointing_fails_the_run_in_one_line_and_keeps_the
 
     full = train(run, "--resume", cwd=fs)
     assert full.returncode == 1, full.stderr[-3000:]
-    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    # tqdm's bars share stderr: the error is the end of its line
+    errors = [line[line.index("error:"):] for line in full.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
     assert errors[0].startswith("error: checkpoint step00000008 not written: No space left on device ("), errors[0]
     assert summary(run)["status"] == "failed" and summary(run)["steps"] == 8  # the summary still written

@@ -38,6 +38,7 @@ import os
 import random
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -162,7 +163,7 @@ def load_newest_intact(engine, ckpt_dir: Path) -> Optional[tuple[str, dict]]:
     CheckpointsDamaged (a ConfigError) if every complete one is damaged: starting over would
     drop the run's metrics, so that is not done silently."""
     ckpt_dir = Path(ckpt_dir)
-    multi = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    multi = _multi_rank()
     answer = [None, None]
     if not multi or torch.distributed.get_rank() == 0:
         tag, damaged = _choose_intact(ckpt_dir)
@@ -199,11 +200,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, is_main: bool,
          best: Optional[dict] = None) -> str:
     """All ranks call this (each writes its ZeRO partition); rank 0 commits and prunes.
@@ -217,21 +213,41 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, is_ma
         for prefix in (TMP_PREFIX, OLD_PREFIX):
             for stale in ckpt_dir.glob(prefix + "*"):
                 shutil.rmtree(stale, ignore_errors=True)
+    error, cause = None, None
     try:
         # save_latest=False: DeepSpeed would write `latest` in place; we replace it after the rename.
-        # DeepSpeed ends with a barrier: every rank's files are written when it returns.
+        # DeepSpeed ends with a barrier: every rank's files are written when it returns. Note: a rank
+        # whose write fails in there leaves the others in that barrier until the collective timeout.
         engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
         if is_main:
             _commit(ckpt_dir, tmp_tag, tag, step, best)
+            _prune(ckpt_dir, keep)
     except (OSError, RuntimeError) as err:  # RuntimeError: torch.save's writer on a full disk
         reason = _write_failure(err, ckpt_dir)  # before the cleanup frees the space it looks at
+        error, cause = f"checkpoint {tag} not written: {reason}", err
+        _close_partial_files(err)
         if is_main:
             _discard(ckpt_dir, tmp_tag, tag)
-        raise CheckpointWriteError(f"checkpoint {tag} not written: {reason}") from err
-    if is_main:
-        _prune(ckpt_dir, keep)
-    _barrier()  # nobody moves on before the checkpoint is in place
+        if not _multi_rank():
+            raise CheckpointWriteError(error) from err
+    # every rank learns rank 0's outcome; this is also the barrier: nobody moves on before the checkpoint
+    # is in place (or all stop, when rank 0 could not commit it)
+    error = _rank0_says(error)
+    if error is not None:
+        raise CheckpointWriteError(error) from cause
     return tag
+
+
+def _multi_rank() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _rank0_says(message: Optional[str]) -> Optional[str]:
+    if not _multi_rank():
+        return message
+    box = [message]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # when a write fails for lack of space the filesystem has less than a write buffer left
@@ -255,6 +271,18 @@ def _write_failure(err: Exception, ckpt_dir: Path) -> str:
     if free is not None and free < FULL_BELOW_BYTES:
         return f"{os.strerror(errno.ENOSPC)} ({where}; torch.save: {detail})"
     return f"{detail} ({where})"
+
+
+def _close_partial_files(err: BaseException) -> None:
+    """torch.save's C++ writer keeps the partial file open, referenced from the frames of the
+    traceback: a removed file's blocks stay allocated while it is open, so the disk would stay full
+    (and the run could not write its summary) until the garbage collector happened to free that
+    cycle. Clearing the frames' locals closes it now; the tracebacks keep their lines."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
 
 
 def _discard(ckpt_dir: Path, tmp_tag: str, tag: str) -> None:
