@@ -24,6 +24,7 @@ from .evaluate import evaluate_model_and_ema
 from .export import code_versions, export_weights
 from .plan import check_same_batch
 from .rundir import claim_run_dir
+from .runlock import RunLock
 from .state import TrainState
 from .step import StepResult, train_step
 from .stop import StopRequest
@@ -73,6 +74,9 @@ def train(run: "Run", stop: StopRequest) -> dict:
     except Collapsed as collapse:
         status = "collapsed"
         run.diagnose(collapse)
+    except checkpoint.CheckpointWriteError as err:  # a full disk: the previous checkpoint is kept
+        run.error = str(err)
+        log.error(f"error: {err}")
     finally:
         summary = run.close(status, stop.agreed)
     return summary
@@ -122,14 +126,20 @@ class Run:
     bar: tqdm
     compiles: RecompileWatch
     ema_eval: EmaEvalCompile
+    lock: RunLock
     started: float = field(default_factory=time.time)
     first_step_s: Optional[float] = None  # this session's first step, compiling included
     last_result: Optional[StepResult] = None
+    error: Optional[str] = None  # why a failed run failed, when the trainer knows
 
     @classmethod
     def open(cls, cfg: Config, parts: Parts, dist: Distributed, run_dir: Optional[Path], resume) -> "Run":
-        run_dir = claim_run_dir(cfg, run_dir, resume, dist)
-        state = restore(parts, run_dir / "checkpoints")
+        run_dir, lock = claim_run_dir(cfg, run_dir, resume, dist)  # rank 0 owns run_dir until lock.release()
+        try:
+            state = restore(parts, run_dir / "checkpoints")
+        except BaseException:
+            lock.release()
+            raise
         versions = code_versions()
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
@@ -146,7 +156,7 @@ class Run:
         bar = tqdm(total=parts.plan.total_steps, initial=state.step, desc="train", disable=not dist.is_main,
                    dynamic_ncols=True)
         return cls(cfg, parts, dist, run_dir, state, tracker, window, bar,
-                   RecompileWatch(cfg.compile.target != "off"), EmaEvalCompile(cfg.compile))
+                   RecompileWatch(cfg.compile.target != "off"), EmaEvalCompile(cfg.compile), lock)
 
     def after_step(self, result: StepResult) -> None:
         self.last_result = result
@@ -249,8 +259,13 @@ class Run:
         if status == "completed" and self.dist.is_main:
             export_weights(self.run_dir, self.parts.step.engine.module, self.parts.step.ema.module)
         result = self.summary(status)
-        self.tracker.summary(result)
-        self.tracker.finish(exit_code=0 if status in ("completed", "interrupted") else 1)
+        try:
+            self.tracker.summary(result)
+            self.tracker.finish(exit_code=0 if status in ("completed", "interrupted") else 1)
+        except OSError as err:  # a full disk may leave no room even for the summary: say so
+            log.error(f"error: {self.run_dir / 'summary.json'} not written ({err.strerror or err})")
+        finally:
+            self.lock.release()
         if status != "failed":
             barrier()  # all ranks end together
         return result
@@ -261,7 +276,7 @@ class Run:
         # every rank ends a completed or interrupted run at the same step; after a failure, this rank's view
         agreed = status in ("completed", "interrupted")
         corrupt = self.corrupt_images() if agreed else self.parts.loaders.corrupt_indices()
-        return {"status": status, "skipped_steps": state.skipped_steps, "corrupt_images": len(corrupt),
+        return {"status": status, **({"error": self.error} if self.error else {}), "skipped_steps": state.skipped_steps, "corrupt_images": len(corrupt),
                 "run_dir": str(self.run_dir), "validation": self.parts.loaders.validation,
                 "steps": state.step, "total_steps": plan.total_steps,
                 "epochs": plan.epoch_at(state.step), "images_seen": state.images_seen,
@@ -276,13 +291,13 @@ class Run:
 def restore(parts: Parts, ckpt_dir: Path) -> TrainState:
     """The state of the newest complete checkpoint, loaded into the engine, the EMA and the RNGs; a fresh
     state when there is none (claim_run_dir has refused a directory that must not be resumed)."""
-    tag = checkpoint.latest_tag(ckpt_dir)
-    if tag is None:
+    engine = parts.step.engine
+    found = checkpoint.load_newest_intact(engine.ds, ckpt_dir)  # verified; a damaged one is skipped, and said
+    if found is None:
         if (ckpt_dir.parent / "config.yaml").exists():
             log.info(f"{ckpt_dir.parent} holds no checkpoint yet: the run starts again from step 0")
         return TrainState()
-    engine = parts.step.engine
-    client = checkpoint.load(engine.ds, ckpt_dir, tag)
+    tag, client = found
     check_same_batch(client.get("batch"), parts.plan)
     state = TrainState(**client["trainer"])
     engine.monitor.skipped_steps = state.skipped_steps

@@ -1,4 +1,5 @@
-"""Choosing and claiming the run directory, agreed by all ranks."""
+"""Choosing and claiming the run directory, agreed by all ranks; rank 0 holds its lock
+(trainer/runlock.py) for the whole run."""
 from __future__ import annotations
 
 import time
@@ -11,6 +12,7 @@ import yaml
 from .checkpoint import latest_tag
 from .config import Config, ConfigError, move_legacy_keys
 from .distributed import multi_rank
+from .runlock import LOCK_NAME, RunDirBusy, RunLock, acquire, check_not_held
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -72,23 +74,48 @@ def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
         return None
     if resume == "required":
         return f"--resume: {run_dir} holds no run to resume"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    # a lock file alone is a run that died before it wrote anything: the directory may be reused
+    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         return f"run directory {run_dir} is not empty and holds no run"
     return None
 
 
-def claim_run_dir(cfg: Config, run_dir: Optional[Path], resume: Optional[str], dist) -> Path:
-    """Rank 0 picks the directory (a default name carries a timestamp) and checks it;
-    every rank then uses rank 0's answer, or raises rank 0's error."""
-    answer = [None, None]
+def _claim(cfg: Config, run_dir: Path, resume: Optional[str]) -> tuple[Optional[RunLock], Optional[str]]:
+    """Rank 0: (the held lock, None), or (None, why not). Writes nothing unless the run may go on."""
+    try:
+        check_not_held(run_dir)  # first: a live owner is the reason, whatever its files say yet
+    except RunDirBusy as busy:
+        return None, str(busy)
+    error = _check(cfg, run_dir, resume)
+    if error is not None:
+        return None, error
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = acquire(run_dir)
+    except RunDirBusy as busy:  # another process took it since check_not_held
+        return None, str(busy)
+    error = _check(cfg, run_dir, resume)  # again, as the owner: that process may have written a run since
+    if error is not None:
+        lock.release()
+        return None, error
+    return lock, None
+
+
+def claim_run_dir(cfg: Config, run_dir: Optional[Path], resume: Optional[str], dist) -> tuple[Path, RunLock]:
+    """Rank 0 picks the directory (a default name carries a timestamp), checks it and locks it;
+    every rank then uses rank 0's answer, or raises rank 0's error (RunDirBusy included: a
+    ConfigError, so the CLI prints one line and exits 2).
+
+    Returns (run_dir, lock). The caller releases the lock when the run ends, `lock.release()`
+    on every rank (a no-op on ranks other than 0); the kernel releases it if the process dies."""
+    answer, lock = [None, None], RunLock()
     if dist.is_main:
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-        error = _check(cfg, run_dir, resume)
-        if error is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        held, error = _claim(cfg, run_dir, resume)
+        lock = held or lock
         answer = [str(run_dir), error]
     if multi_rank():
         torch.distributed.broadcast_object_list(answer, src=0)
     if answer[1] is not None:
         raise ConfigError(answer[1])
-    return Path(answer[0])
+    return Path(answer[0]), lock

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from .decode import CorruptImage, EncodedImage, decoded_rgb
 from .sources import ImageSource
-from .decode import EncodedImage, decoded_rgb
 
 FORMAT = "effnet-trainer-lmdb/1"
 HEADER = struct.Struct("<iI")
@@ -41,8 +42,9 @@ def sample_key(index: int) -> bytes:
 def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool = True) -> dict:
     """Pack the ImageFolder tree `src` into the LMDB file `dst`; return its meta."""
     import lmdb
-    from torchvision.datasets import ImageFolder
     from tqdm import tqdm
+
+    from .folder_scan import scan_image_folder
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -52,7 +54,7 @@ def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool =
     if dst.is_dir():
         raise ConfigError(f"pack: {dst} is a folder; name the LMDB file to write")
     try:
-        tree = ImageFolder(str(src))  # the scan, order and class list every source shares
+        tree = scan_image_folder(src)  # the scan, order and class list every source shares
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(f"pack: {src}: {str(err).splitlines()[0]}") from None
     total_bytes = sum(os.path.getsize(path) for path, _ in tree.samples if os.path.isfile(path))
@@ -71,14 +73,19 @@ def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool =
         for index, (path, label) in enumerate(tqdm(tree.samples, desc=f"pack {src.name}", unit="img",
                                                    disable=not progress, dynamic_ncols=True)):
             rel = os.path.relpath(path, src).encode()
-            with open(path, "rb") as f:
-                data = f.read()
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as err:  # a dangling link: kept as an empty record, a corrupt image when read,
+                data = b""  # as the folder source counts it (sample i stays sample i of the tree)
+                tqdm.write(f"warning: pack: cannot read {path} ({err.strerror}); packed as an empty, "
+                           f"corrupt image", file=sys.stderr)
             txn.put(sample_key(index), HEADER.pack(label, len(rel)) + rel + data)
             if (index + 1) % COMMIT_EVERY == 0:
                 txn.commit()
                 txn = env.begin(write=True)
         meta = {"format": FORMAT, "classes": tree.classes, "count": len(tree.samples), "source": str(src.resolve())}
-        txn.put(LABELS_KEY, np.asarray(tree.targets, dtype="<i4").tobytes())
+        txn.put(LABELS_KEY, np.asarray([label for _, label in tree.samples], dtype="<i4").tobytes())
         txn.put(META_KEY, json.dumps(meta).encode())  # last: its presence marks a complete pack
         txn.commit()
         env.sync(True)
@@ -96,8 +103,23 @@ def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool =
     return meta
 
 
+REPACK = "pack the tree again with `python -m trainer pack`"
+
+
+def _check_file_size(env, path: Path) -> None:
+    """The file must hold every page LMDB's meta page says is in use. LMDB maps more than the file
+    and follows page numbers into the map: a page past the end of a truncated file is a SIGBUS on
+    first touch, which kills the process (exit 135) with no message. info() and stat() read only
+    the meta page, at the start of the file, so this check itself is safe."""
+    used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = path.stat().st_size
+    if size < used:
+        raise ConfigError(f"data: {path} is damaged: the file has {size} bytes where its LMDB header says "
+                          f"{used} are in use (truncated, or a copy cut short); {REPACK}")
+
+
 def read_meta(path: str | Path) -> tuple[dict, np.ndarray]:
-    """The pack's meta and labels; ConfigError for a missing, foreign or incomplete file."""
+    """The pack's meta and labels; ConfigError for a missing, foreign, incomplete or damaged file."""
     import lmdb
 
     path = Path(path)
@@ -108,17 +130,32 @@ def read_meta(path: str | Path) -> tuple[dict, np.ndarray]:
     except lmdb.Error as err:
         raise ConfigError(f"data: {path} is not an LMDB file ({str(err).splitlines()[0]})") from None
     try:
+        _check_file_size(env, path)  # before any read of a data page
+        entries = env.stat()["entries"]
         with env.begin() as txn:
             raw_meta, raw_labels = txn.get(META_KEY), txn.get(LABELS_KEY)
+    except lmdb.Error as err:  # MDB_CORRUPTED, MDB_PAGE_NOTFOUND: a damaged B-tree
+        raise ConfigError(f"data: {path} is damaged ({str(err).splitlines()[0]}); {REPACK}") from None
     finally:
         env.close()
     if raw_meta is None or raw_labels is None:
         raise ConfigError(f"data: {path} is not a complete pack (no index: an interrupted or foreign "
-                          f"LMDB); pack the tree again with `python -m trainer pack`")
-    meta = json.loads(raw_meta)
+                          f"LMDB); {REPACK}")
+    try:
+        meta = json.loads(raw_meta)
+    except ValueError:
+        raise ConfigError(f"data: {path} is damaged (its index does not parse); {REPACK}") from None
     if meta.get("format") != FORMAT:
         raise ConfigError(f"data: {path} has format {meta.get('format')!r}, want {FORMAT!r}")
-    return meta, np.frombuffer(raw_labels, dtype="<i4")
+    labels = np.frombuffer(raw_labels, dtype="<i4") if len(raw_labels) % 4 == 0 else None
+    count = meta.get("count")
+    # every image a record, plus the labels and the meta entries
+    if entries != count + 2 or labels is None or len(labels) != count:
+        raise ConfigError(f"data: {path} is damaged: its index says {count} images, the file holds "
+                          f"{entries - 2} records and {len(raw_labels) // 4} labels; {REPACK}")
+    if count and not (0 <= labels.min() and labels.max() < len(meta["classes"])):
+        raise ConfigError(f"data: {path} is damaged: labels outside the {len(meta['classes'])} classes; {REPACK}")
+    return meta, labels
 
 
 class LmdbImages(ImageSource):
@@ -139,6 +176,8 @@ class LmdbImages(ImageSource):
         return {**self.__dict__, "_env": None}
 
     def record(self, index: int) -> tuple[int, str, bytes]:
+        """(label, path in the tree, encoded bytes); CorruptImage for a record whose header does not
+        read back (the loader replaces and counts it, as a JPEG that does not decode)."""
         if self._env is None:
             import lmdb
 
@@ -146,12 +185,25 @@ class LmdbImages(ImageSource):
                                   meminit=False, max_readers=1024)
         with self._env.begin(buffers=False) as txn:
             value = txn.get(sample_key(index))
+        if value is None or len(value) < HEADER.size:
+            raise CorruptImage("record missing or shorter than its header")
         label, n = HEADER.unpack_from(value)
         start = HEADER.size + n
-        return label, value[HEADER.size:start].decode(), value[start:]
+        # the label is also in the labels array: a header that disagrees with it is damaged
+        if start > len(value) or label != int(self.labels[index]):
+            raise CorruptImage(f"record header damaged (label {label}, path length {n}, "
+                               f"record of {len(value)} bytes)")
+        try:
+            rel = value[HEADER.size:start].decode()
+        except UnicodeDecodeError:
+            raise CorruptImage("record header damaged (its path is not UTF-8)") from None
+        return label, rel, value[start:]
 
     def name(self, index: int) -> str:
-        return f"{self.path}:{self.record(index)[1]}"
+        try:
+            return f"{self.path}:{self.record(index)[1]}"
+        except CorruptImage:  # named for a report about that very record
+            return f"{self.path}:record {index}"
 
     def encoded(self, index: int):
         label, rel, data = self.record(index)

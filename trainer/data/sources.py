@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from .decode import CorruptImage, EncodedImage, decoded_rgb
+from .folder_scan import scan_image_folder
 
 
 def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,16 +78,15 @@ def synthetic_images(count: int, size: int, seed: int, classes: int = 1000) -> T
 
 
 class FolderImages(ImageSource):
-    """An ImageFolder tree (one folder per class): torchvision's scan, our decode."""
+    """An ImageFolder tree (one folder per class): torchvision's classes and order, a scan that follows
+    no symlink loop and never gives a file two labels (folder_scan.py), our decode."""
 
     def __init__(self, root: str):
-        from torchvision.datasets import ImageFolder
-
         root_path = Path(root)
         if not root_path.is_dir():
             raise ConfigError(f"data folder {root} does not exist")
         try:
-            tree = ImageFolder(root)
+            tree = scan_image_folder(root)
         except (FileNotFoundError, RuntimeError) as err:
             raise ConfigError(f"data folder {root}: {str(err).splitlines()[0]}") from None
         self.samples, self.classes = tree.samples, tree.classes
