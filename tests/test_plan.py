@@ -109,3 +109,13 @@ def test_a_run_written_in_the_old_layout_resumes(cli, tmp_path):
     resumed = cli("train", *short, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+
+
+def test_settings_that_do_not_change_the_numbers_may_change_on_resume(cli, tmp_path):
+    short = ["--recipe", "demo", "--run-dir", "run", *TINY, "train.max_steps=4", "wandb.mode=disabled"]
+    assert cli("train", *short, "train.log_every_steps=1", "--stop-at-step", "2").returncode == 0
+    resumed = cli("train", *short, "train.log_every_steps=2", "data.num_workers=1", "train.collective_timeout_s=600",
+                  "checkpoint.keep=3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    refused = cli("train", *short, "train.micro_batch=16", "--resume")
+    assert refused.returncode == 2 and "train.micro_batch: 32 there, 16 here" in refused.stderr

@@ -19,8 +19,11 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-# settings a resumed run may change: where it logs, and how it executes (not what it computes)
-MAY_CHANGE_ON_RESUME = {"wandb": None, "compile": None}
+# settings a resumed run may change: where it logs and how it executes, not what it computes (data
+# order, augmentation and dropout numbers do not depend on the workers; evaluation changes no weight)
+MAY_CHANGE_ON_RESUME = {"wandb": None, "compile": None, "data": ("num_workers",),
+                        "train": ("log_every_steps", "eval_every_epochs", "collective_timeout_s"),
+                        "checkpoint": ("every_epochs", "keep", "keep_best")}
 
 
 def _comparable(config: dict) -> dict:
