@@ -1,16 +1,17 @@
 """Choosing and claiming the run directory, agreed by all ranks."""
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from .checkpoint import latest_tag
-from .config import Config, ConfigError, move_legacy_keys
+from .config import Config, ConfigError
 from .distributed import multi_rank
+from .track import read_config
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -65,12 +66,27 @@ def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
         if resume is None:
             return (f"run directory {run_dir} already holds a run; pass --resume to continue it "
                     f"or choose another --run-dir")
-        differences = _differences(move_legacy_keys(yaml.safe_load(saved_config.read_text())), cfg)
+        try:
+            saved = read_config(run_dir)
+        except ConfigError as err:  # returned, not raised: the other ranks wait for rank 0's answer
+            return f"run directory {run_dir}: {err}"
+        differences = _differences(saved, cfg)
         if differences:
             return (f"run directory {run_dir} holds a run with a different config ({'; '.join(differences)}); "
                     f"resume with the same settings")
     elif run_dir.exists() and any(run_dir.iterdir()):
         return f"run directory {run_dir} is not empty and holds no run"
+    return None
+
+
+def _make_writable(run_dir: Path) -> Optional[str]:
+    """Create run_dir and try a file in it: None, or why it cannot hold a run (a read-only filesystem,
+    a path through a file, /proc), found before a checkpoint is restored or anything is written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        return f"run directory {run_dir} cannot be written: {err.strerror or err}"
     return None
 
 
@@ -80,9 +96,7 @@ def claim_run_dir(cfg: Config, run_dir: Optional[Path], resume: Optional[str], d
     answer = [None, None]
     if dist.is_main:
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-        error = _check(cfg, run_dir, resume)
-        if error is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        error = _check(cfg, run_dir, resume) or _make_writable(run_dir)
         answer = [str(run_dir), error]
     if multi_rank():
         torch.distributed.broadcast_object_list(answer, src=0)
