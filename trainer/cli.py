@@ -15,8 +15,29 @@ an unknown key, a wrong type or an out-of-range value stops the run (exit 2) bef
 anything is written."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a refused command line as one `error: ...` line (exit 2) like any other bad input,
+    instead of the usage block and a line that starts with the program's name."""
+
+    def error(self, message: str):
+        verb = self.prog.removeprefix("python -m trainer").strip()
+        print(f"error: {f'{verb}: ' if verb else ''}{message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count or a step number of 1 or more (0 or -3 steps were silently ignored)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m trainer",
         description="EfficientNet training through DeepSpeed, reproducing the TF recipe and its ablations.",
         epilog="verbs:\n  train     train a recipe (see `train --help`)\n"
@@ -45,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --run-dir from its latest checkpoint (it must have one); "
                             "the override resume=auto continues if there is one and starts fresh otherwise")
-    train.add_argument("--stop-at-step", type=int, metavar="N",
+    train.add_argument("--stop-at-step", type=positive_int, metavar="N",
                        help="stop after optimizer step N as if interrupted (checkpoint, status interrupted)")
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -85,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--recipe", required=True, help="recipe name")
     sweep.add_argument("--variants", help="comma-separated variants (default: the recipe as it is); "
                                           "'all' for every variant, a trailing * for a prefix (notes/*)")
-    sweep.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per variant (default 1)")
+    sweep.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 per variant (default 1)")
     sweep.add_argument("--sweep-dir", type=Path, help="where the runs go (default runs/sweep-<recipe>)")
     sweep.add_argument("--group", help="W&B group (default: the sweep directory's name)")
     sweep.add_argument("--plan", action="store_true",
                        help="print deepspeed launcher lines and a SLURM array script instead of running")
-    sweep.add_argument("--gpus", type=int, default=8, help="GPUs per run in --plan (default 8)")
+    sweep.add_argument("--gpus", type=positive_int, default=8, help="GPUs per run in --plan (default 8)")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
     pack = verbs.add_parser("pack", help="pack an ImageFolder tree into one LMDB file (data.source=lmdb)",
@@ -124,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         "data", help="training-transform images/s per worker against torchvision's ImageFolder, same run")
     bench_data.add_argument("--source", required=True, help="an ImageFolder root or a packed LMDB file")
     bench_data.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
-    bench_data.add_argument("--images", type=int, default=2000, help="images per pass (default 2000)")
-    bench_data.add_argument("--image-size", type=int, default=224, help="training crop size (default 224)")
-    bench_data.add_argument("--batch-size", type=int, default=32)
-    bench_data.add_argument("--repeats", type=int, default=2, help="passes per loader, best reported (default 2)")
+    bench_data.add_argument("--images", type=positive_int, default=2000, help="images per pass (default 2000)")
+    bench_data.add_argument("--image-size", type=positive_int, default=224, help="training crop size (default 224)")
+    bench_data.add_argument("--batch-size", type=positive_int, default=32)
+    bench_data.add_argument("--repeats", type=positive_int, default=2, help="passes per loader, best reported (default 2)")
     bench_data.add_argument("--auto-augment", metavar="POLICY",
                             help="timm AutoAugment/RandAugment policy after the crop, e.g. v0 (the TF recipe's)")
     bench_train = bench_verbs.add_parser(
@@ -135,10 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="images/s of a hand-written loop, of the trainer in eager mode and compiled, on the same "
                     "model, optimizer, batch and in-memory synthetic images (see trainer/tools/bench_train.py)")
     bench_train.add_argument("--model", default="efficientnet_b0")
-    bench_train.add_argument("--image-size", type=int, default=32)
-    bench_train.add_argument("--batch", type=int, default=64)
-    bench_train.add_argument("--steps", type=int, default=60, help="steps per row (default 60)")
-    bench_train.add_argument("--window", type=int, default=10, help="steps per timing window (default 10)")
+    bench_train.add_argument("--image-size", type=positive_int, default=32)
+    bench_train.add_argument("--batch", type=positive_int, default=64)
+    bench_train.add_argument("--steps", type=positive_int, default=60, help="steps per row (default 60)")
+    bench_train.add_argument("--window", type=positive_int, default=10, help="steps per timing window (default 10)")
     bench_train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     bench_train.add_argument("--channels-last", action="store_true")
     bench_train.add_argument("--compile", choices=("model", "engine"), default="model",
@@ -186,8 +207,6 @@ def cmd_recipes(args) -> int:
 def cmd_sweep(args) -> int:
     from .tools.sweep import plan_runs, print_plan, run_sweep, select_variants, write_manifest
 
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1 (got {args.seeds})")
     variants = select_variants(args.recipe, args.variants)
     sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{args.recipe}"
     runs = plan_runs(args.recipe, variants, args.seeds, sweep_dir, args.overrides, args.group)
@@ -231,6 +250,9 @@ def cmd_bench(args) -> int:
         args.modes = [m for m in args.modes.split(",") if m]
         if not args.modes or set(args.modes) - {"bare", "eager", "compiled"}:
             raise ConfigError(f"--modes: a comma-separated list of bare, eager, compiled (got {','.join(args.modes)})")
+        if args.steps < 2 * args.window:  # checked before the first row runs, not after it
+            raise ConfigError(f"bench train: --steps ({args.steps}) must give at least two windows of --window "
+                              f"steps ({args.window})")
         rows = bench_train(args)
         print_train_table(rows, args)
         return 0
@@ -247,7 +269,7 @@ def main(argv=None) -> int:
     # overrides may stand anywhere among the options: collect the leftovers as overrides
     args, extra = parser.parse_known_args(argv)
     if extra and (args.verb not in ("train", "sweep", "eval") or any(item.startswith("-") for item in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        Parser(prog=f"{parser.prog} {args.verb}").error(f"unrecognized arguments: {' '.join(extra)}")  # the verb's
     if extra:
         args.overrides += extra
     try:

@@ -7,7 +7,9 @@ Each section is its own model so that a factory takes only its section
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+
+import re
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -23,9 +25,21 @@ def yaml_off(value):
     return "off" if value is False else value  # YAML reads a bare `off` (mixup.mode=off) as false
 
 
+# the largest image side: past every EfficientNet (B7 trains at 600, L2 at 800), below the sizes whose
+# tensors cannot be allocated (a typo such as data.image_size=22400 asked 1.5 GB per image)
+MAX_IMAGE_SIZE = 4096
+# a seed goes to torch's generators, which take 64 bits, with the epoch added (DistributedSampler)
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+# timeouts become a timedelta, the process group's milliseconds and threading waits, which overflow
+# long before 1e300 s; no run needs more than a year
+LONGEST_TIMEOUT_S = 365 * 24 * 3600.0
+
+
 class Section(BaseModel):
     # extra="forbid": an unknown or misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # allow_inf_nan=False: no setting means infinity or NaN (optim.lr=.inf, train.epochs=1e400 passed
+    # the bounds and failed at the first int() or optimizer step)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -40,8 +54,8 @@ class DataConfig(Section):
     # held out with split_seed, and the run says its numbers come from training images
     val_path: Optional[str] = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0  # the train/val split is fixed by this seed, not by the run seed
-    image_size: int = Field(32, ge=8)
+    split_seed: Seed = 0  # the train/val split is fixed by this seed, not by the run seed
+    image_size: int = Field(32, ge=8, le=MAX_IMAGE_SIZE)
     num_workers: int = Field(0, ge=0)
     # decode a large JPEG at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling) when the random crop (the eval
     # resize) still gets at least its output resolution from it; the crop box is drawn on the full size
@@ -91,6 +105,9 @@ class DataConfig(Section):
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+        if self.image_size / self.crop_pct > MAX_IMAGE_SIZE:  # the eval resize
+            raise ValueError(f"crop_pct {self.crop_pct:g} resizes to image_size / crop_pct = "
+                             f"{self.image_size / self.crop_pct:.3g} px, past {MAX_IMAGE_SIZE}")
         tf_crop = (tuple(self.crop_scale), tuple(self.crop_ratio), self.interpolation) == ((0.08, 1.0), (0.75, 4 / 3),
                                                                                             "bicubic")
         if self.pipeline == "tf" and not tf_crop:  # a set value is never silently ignored
@@ -217,7 +234,7 @@ class TrainConfig(Section):
     # a collective that waits longer than this raises on every rank still alive (a dead or stuck
     # rank then ends the run with an error instead of a hang); it also bounds the slowest rank's
     # checkpoint or evaluation, so leave minutes on a real run
-    collective_timeout_s: float = Field(1800.0, gt=0)
+    collective_timeout_s: float = Field(1800.0, gt=0, le=LONGEST_TIMEOUT_S)
 
     @model_validator(mode="after")
     def _one_way_to_accumulate(self):
@@ -306,7 +323,7 @@ class WandbConfig(Section):
     group: Optional[str] = None
     tags: tuple[str, ...] = ()
     # how long wandb.init waits for the server before the run falls back to offline logging
-    init_timeout_s: float = Field(60.0, gt=0)
+    init_timeout_s: float = Field(60.0, gt=0, le=LONGEST_TIMEOUT_S)
 
 
 class LossConfig(Section):
@@ -344,7 +361,7 @@ class Config(Section):
     recipe: str
     variant: Optional[str] = None
     name: str  # run name; the default run directory is runs/<name>/
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -378,12 +395,28 @@ def read_recipe(name: str) -> dict[str, Any]:
     return tree
 
 
+class OverrideLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans, true and false only. YAML 1.1 also reads yes, no, on and off as
+    booleans, which made data.path=no or model.name=on a boolean; a boolean setting still takes them
+    as text (compile.channels_last=on, engine.allow_cpu_fp16=yes)."""
+
+
+OverrideLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+OverrideLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                     list("tTfF"))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=0.1` -> (["train", "lr"], 0.1); the value is read as YAML."""
+    """`train.lr=0.1` -> (["train", "lr"], 0.1); the value is read as YAML (OverrideLoader's)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not key=value (for example train.epochs=5)")
-    return key.split("."), yaml.safe_load(value) if value != "" else None
+    try:
+        return key.split("."), yaml.load(value, Loader=OverrideLoader) if value != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not YAML ({err.problem or err}); quote it") from None
 
 
 def set_dotted(tree: dict, path: list[str], value: Any, full_key: str) -> None:
@@ -443,6 +476,11 @@ def describe_validation_error(err: ValidationError) -> str:
         return f"unknown config key {key!r}"
     shown = first["type"] != "missing" and not isinstance(first.get("input"), (dict, type(None)))
     got = f" (got {first['input']!r})" if shown else ""
+    if first["type"] == "string_type" and shown and not isinstance(first["input"], (list, tuple)):
+        # YAML read the text as another type (true, 2024, 1e3, 2024-01-01): quoted, it stays text
+        text = str(first["input"]).lower() if isinstance(first["input"], bool) else str(first["input"])
+        whole = not isinstance(first["loc"][-1], int)  # the setting itself, not an item of a list
+        got += "; quote it to mean the text: " + (f"{key}=\"'{text}'\"" if whole else f"'{text}'")
     return f"config key {key!r}: {first['msg'].removeprefix('Value error, ')}{got}"
 
 

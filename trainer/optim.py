@@ -15,14 +15,21 @@ import torch
 import torch.nn as nn
 from timm.optim import RMSpropTF
 
-from .config import OptimConfig, ScheduleConfig
+from .config import ConfigError, OptimConfig, ScheduleConfig
 
 
 def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
     """The recipe's lr is per `lr_base_batch` images; scale it by the *global* batch
     (world size x micro batch x accumulation), never the per-GPU one."""
     ratio = global_batch / cfg.lr_base_batch
-    return cfg.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
+    scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
+    peak = cfg.lr * scale
+    # a finite optim.lr can still scale to 0 (lr 0 trains nothing) or past what a float32 step can
+    # hold (torch raises at the first step); any lr between trains, or collapses, which is a result
+    if not 0 < peak <= torch.finfo(torch.float32).max:
+        raise ConfigError(f"optim.lr={cfg.lr:g} scaled to the global batch {global_batch} ({cfg.lr_scaling}, "
+                          f"x{scale:.4g}) is {peak:g}: not a learning rate a float32 step can take")
+    return peak
 
 
 # -- which tensors decay

@@ -26,6 +26,16 @@ def grad_accum_for(train: TrainConfig, world_size: int) -> int:
     return train.global_batch // per_step
 
 
+def steps_for(epochs: float, steps_per_epoch: float, key: str) -> float:
+    """A length in epochs as optimizer steps (a float); a setting so large that the count overflows
+    (train.epochs=1e308) is refused here, not by the int() of infinity later."""
+    steps = epochs * steps_per_epoch
+    if not math.isfinite(steps):
+        raise ConfigError(f"{key}={epochs:g} is more optimizer steps than can be counted "
+                          f"({steps_per_epoch:.4g} per epoch)")
+    return steps
+
+
 @dataclass(frozen=True)
 class RunPlan:
     world_size: int
@@ -52,21 +62,25 @@ class RunPlan:
         global_batch = world_size * train.micro_batch * grad_accum
         steps_per_epoch = micro_batches_per_epoch // grad_accum
         if steps_per_epoch == 0:
+            # name the setting that made the batch too large: the stated global batch, or the accumulation
+            knob = ("train.global_batch" if train.global_batch is not None else
+                    "train.grad_accum (or train.micro_batch)" if grad_accum > 1 else "train.micro_batch")
             raise ConfigError(f"data: {train_images} training images are fewer than one global batch "
                               f"({global_batch} = world size {world_size} x train.micro_batch {train.micro_batch} "
-                              f"x accumulation {grad_accum}); lower train.micro_batch or the accumulation")
+                              f"x accumulation {grad_accum}); lower {knob}")
         tf_epoch = train_images / global_batch
-        schedule_epoch = tf_epoch * train.epoch_scale
+        schedule_epoch = steps_for(train.epoch_scale, tf_epoch, "train.epoch_scale")
         return cls(
             world_size=world_size, micro_batch=train.micro_batch, grad_accum=grad_accum, global_batch=global_batch,
             train_images=train_images, micro_batches_per_epoch=micro_batches_per_epoch,
             steps_per_epoch=steps_per_epoch, tf_steps_per_epoch=tf_epoch, schedule_epoch=schedule_epoch,
-            warmup_steps=int(warmup_epochs * schedule_epoch),  # TF truncates too
+            warmup_steps=int(steps_for(warmup_epochs, schedule_epoch, "schedule.warmup_epochs")),  # TF truncates too
             # TF truncates: 350 epochs of 1,281,167 images at 2048 are its 218,949 steps
-            total_steps=min(train.max_steps or math.inf, max(1, int(train.epochs * schedule_epoch))),
+            total_steps=min(train.max_steps or math.inf,
+                            max(1, int(steps_for(train.epochs, schedule_epoch, "train.epochs")))),
             log_every=train.log_every_steps,
-            eval_every=max(1, round(train.eval_every_epochs * tf_epoch)),
-            checkpoint_every=max(1, round(checkpoint.every_epochs * tf_epoch)))
+            eval_every=max(1, round(steps_for(train.eval_every_epochs, tf_epoch, "train.eval_every_epochs"))),
+            checkpoint_every=max(1, round(steps_for(checkpoint.every_epochs, tf_epoch, "checkpoint.every_epochs"))))
 
     def epoch_at(self, step: int) -> float:
         """Epochs of training images seen after `step` optimizer steps (TF's count)."""

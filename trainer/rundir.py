@@ -2,17 +2,18 @@
 (trainer/runlock.py) for the whole run."""
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from .checkpoint import latest_tag
-from .config import Config, ConfigError, move_legacy_keys
+from .config import Config, ConfigError
 from .distributed import multi_rank
 from .runlock import LOCK_NAME, RunDirBusy, RunLock, acquire, check_not_held
+from .track import read_config
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -65,7 +66,11 @@ def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
     saved_config = run_dir / "config.yaml"
     has_checkpoint = latest_tag(run_dir / "checkpoints") is not None
     if saved_config.exists():
-        differences = _differences(move_legacy_keys(yaml.safe_load(saved_config.read_text())), cfg)
+        try:
+            saved = read_config(run_dir)
+        except ConfigError as err:  # returned, not raised: the other ranks wait for rank 0's answer
+            return f"run directory {run_dir}: {err}"
+        differences = _differences(saved, cfg)
         if resume is None and (has_checkpoint or differences):
             return (f"run directory {run_dir} already holds a run; pass --resume to continue it "
                     f"or choose another --run-dir")
@@ -83,16 +88,26 @@ def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
     return None
 
 
+def _make_writable(run_dir: Path) -> Optional[str]:
+    """Create run_dir and try a file in it: None, or why it cannot hold a run (a read-only filesystem,
+    a path through a file, /proc), found before a checkpoint is restored or anything is written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        return f"run directory {run_dir} cannot be written: {err.strerror or err}"
+    return None
+
+
 def _claim(cfg: Config, run_dir: Path, resume: Optional[str]) -> tuple[Optional[RunLock], Optional[str]]:
     """Rank 0: (the held lock, None), or (None, why not). Writes nothing unless the run may go on."""
     try:
         check_not_held(run_dir)  # first: a live owner is the reason, whatever its files say yet
     except RunDirBusy as busy:
         return None, str(busy)
-    error = _check(cfg, run_dir, resume)
+    error = _check(cfg, run_dir, resume) or _make_writable(run_dir)
     if error is not None:
         return None, error
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         lock = acquire(run_dir)
     except RunDirBusy as busy:  # another process took it since check_not_held

@@ -150,9 +150,21 @@ def read_summary(run_dir: Path) -> Optional[dict]:
 
 def read_config(run_dir: Path) -> dict:
     """A run's config.yaml as a dict in this trainer's layout (settings an earlier trainer kept under
-    `train` moved to their sections), so runs of both ages read alike."""
+    `train` moved to their sections), so runs of both ages read alike. ConfigError, on one line, when
+    the file cannot be read or is not a mapping of settings (damaged or truncated)."""
     import yaml
 
-    from .config import move_legacy_keys
+    from .config import ConfigError, move_legacy_keys
 
-    return move_legacy_keys(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+    path = Path(run_dir) / "config.yaml"
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        where = f", line {err.problem_mark.line + 1}" if err.problem_mark else ""
+        raise ConfigError(f"{path} is damaged: not YAML ({err.problem or err.context}{where})") from None
+    except (OSError, ValueError, yaml.YAMLError) as err:  # unreadable, not UTF-8
+        raise ConfigError(f"{path} cannot be read ({str(err).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        what = "empty" if tree is None else f"a {type(tree).__name__}"
+        raise ConfigError(f"{path} is damaged: {what}, not a mapping of settings")
+    return move_legacy_keys(tree)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 import tempfile
 from pathlib import Path
 
@@ -57,13 +56,21 @@ def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool =
         tree = scan_image_folder(src)  # the scan, order and class list every source shares
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(f"pack: {src}: {str(err).splitlines()[0]}") from None
-    total_bytes = sum(os.path.getsize(path) for path, _ in tree.samples if os.path.isfile(path))
+    unreadable = [path for path, _ in tree.samples if not os.path.isfile(path)]
+    if unreadable:  # a dangling symlink: refused before anything is written
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise ConfigError(f"pack: {unreadable[0]} is not a file that can be read (a dangling link?){more}")
+    total_bytes = sum(os.path.getsize(path) for path, _ in tree.samples)
     # LMDB's map is address space, not disk: the file grows with what is written. Room for
     # page rounding of every value (one 4 KiB page at most each) and the B-tree.
     map_size = 2 * total_bytes + 8192 * len(tree.samples) + (64 << 20)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{dst.name}.tmp-", dir=dst.parent)  # a fresh name, never an old tmp
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{dst.name}.tmp-", dir=dst.parent)  # a fresh name, never an old tmp
+    except OSError as err:  # a read-only filesystem, a path through a file, /proc
+        reason = "a file, not a folder" if dst.parent.is_file() else err.strerror or err
+        raise ConfigError(f"pack: cannot write in {dst.parent}: {reason}") from None
     os.close(fd)
     env = None
     try:
@@ -76,10 +83,8 @@ def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool =
             try:
                 with open(path, "rb") as f:
                     data = f.read()
-            except OSError as err:  # a dangling link: kept as an empty record, a corrupt image when read,
-                data = b""  # as the folder source counts it (sample i stays sample i of the tree)
-                tqdm.write(f"warning: pack: cannot read {path} ({err.strerror}); packed as an empty, "
-                           f"corrupt image", file=sys.stderr)
+            except OSError as err:  # unreadable (permissions, I/O): the tmp file is removed below
+                raise ConfigError(f"pack: cannot read {path}: {err.strerror or err}") from None
             txn.put(sample_key(index), HEADER.pack(label, len(rel)) + rel + data)
             if (index + 1) % COMMIT_EVERY == 0:
                 txn.commit()

@@ -3,6 +3,7 @@ shard exactly across ranks and resume mid-epoch, uint8 batches stacked channels-
 `normalize`, which turns them into the model's floats in the training process."""
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ def open_source(cfg: DataConfig) -> ImageSource:
     if cfg.source == "digits":
         return digits_images()
     if cfg.source == "synthetic":
+        needed = cfg.synthetic_images * 3 * cfg.image_size ** 2
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if needed > memory:  # held in memory as one tensor: refused here rather than by the allocator
+            raise ConfigError(f"data.synthetic_images={cfg.synthetic_images} at data.image_size {cfg.image_size} "
+                              f"need {needed / 2**30:.3g} GiB, more than this machine's {memory / 2**30:.3g} GiB")
         return synthetic_images(cfg.synthetic_images, cfg.image_size, cfg.split_seed)
     return open_path(cfg.path, lmdb=cfg.source == "lmdb")
 
@@ -102,7 +108,15 @@ class TransformedSubset(Dataset):
                     return self.transform(image), label
             except CorruptImage as err:
                 self.images.report_corrupt(index, err)
-        raise RuntimeError(f"none of the {len(self.indices)} images of this split decodes")
+        raise ConfigError(f"data: none of the {len(self.indices)} images of this split decodes "
+                          f"(each is reported above as corrupt or unreadable)")
+
+    def check_one_decodes(self) -> None:
+        """Draw sample 0 as the first step will (ConfigError when no image decodes): a tree where every
+        file is corrupt is refused at build, before the run directory is written, at the cost of one
+        decode when image 0 is fine. Its random numbers are (seed, epoch, 0)'s: nothing else moves."""
+        if self.indices:
+            self[0]
 
 
 def collate_channels_last(batch):
@@ -205,6 +219,7 @@ def val_loader(split: Split, cfg: DataConfig, batch: int, seed: int, rank: int, 
     """Every validation image exactly once over the ranks, with the eval transform."""
     synthetic = cfg.source == "synthetic"  # already at size: no transform
     val_set = TransformedSubset(split.val, split.val_indices, None if synthetic else eval_transform(cfg), seed=seed)
+    val_set.check_one_decodes()
     return DataLoader(val_set, batch_size=batch, sampler=ExactShardSampler(len(val_set), rank, world_size),
                       **loader_options(cfg, seed))
 
@@ -214,6 +229,7 @@ def build_loaders(cfg: DataConfig, micro_batch: int, seed: int, rank: int, world
     synthetic = cfg.source == "synthetic"  # already at size: no transform, the pipeline costs nothing
     train_set = TransformedSubset(split.train, split.train_indices, None if synthetic else train_transform(cfg),
                                   seed=seed)
+    train_set.check_one_decodes()
     base = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     train_sampler = ResumableSampler(base)
     val = val_loader(split, cfg, micro_batch, seed, rank, world_size)

@@ -8,6 +8,7 @@ launcher each rank evaluates its shard and every image counts once.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +49,29 @@ def checkpoint_weights(run_dir: Path, which: str) -> tuple[str, dict[str, dict]]
     return tag, {"model": state["module"], "ema": ema}
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """load_weights, with a file that is not a state dict refused in one line."""
+    try:
+        weights = load_weights(path)
+    except Exception as err:  # torch.load and safetensors raise many types for a foreign file (KeyError, EOFError)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"--weights {path}: not a state dict that torch or safetensors can read "
+                          f"({type(err).__name__}{': ' + detail if detail else ''})") from None
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise ConfigError(f"--weights {path}: not a state dict (a mapping of names to tensors)")
+    return weights
+
+
+def check_writable(out: Path) -> None:
+    """Make and remove a file beside `out`: an unwritable --out is refused before the evaluation, not after it."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the JSON file to write")
+    try:
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write in {out.parent}: {err.strerror or err}") from None
+
+
 def fit_weights(model: torch.nn.Module, weights: dict, what: str, cfg: Config, classes: int) -> None:
     """load_state_dict, with a one-line refusal that says what does not fit (another architecture, or
     another number of classes) instead of torch's page of keys."""
@@ -80,9 +104,13 @@ def evaluate_weights(run_dir: Optional[Path], which: str, weights_file: Optional
     if weights_file is not None:
         if not weights_file.is_file():
             raise ConfigError(f"--weights {weights_file}: no such file")
-        label, sets = weights_file.name, {"weights": load_weights(weights_file)}
+        label, sets = weights_file.name, {"weights": read_weights(weights_file)}
     else:
         label, sets = checkpoint_weights(run_dir, which)
+    out = out or (run_dir / f"eval-{label}.json" if run_dir else
+                  weights_file.with_name(f"{weights_file.stem}-eval.json"))
+    if dist.is_main:
+        check_writable(out)
     if cfg.data.val_path and not cfg.data.path:  # a validation tree alone: its own classes
         val = open_path(cfg.data.val_path, lmdb=Path(cfg.data.val_path).is_file())
         split = Split(val, [], val, list(range(len(val))), f"data.val_path {cfg.data.val_path} ({len(val)} images)")
@@ -105,8 +133,6 @@ def evaluate_weights(run_dir: Optional[Path], which: str, weights_file: Optional
             scores = result[name]
             print(f"{name}: top1 {scores['top1']:.2f} top5 {scores['top5']:.2f} loss {scores['loss']:.4f} "
                   f"({result['images']} images; {split.description})")
-        out = out or (run_dir / f"eval-{label}.json" if run_dir else weights_file.with_name(
-            f"{weights_file.stem}-eval.json"))
         write_json_atomic(out, result)
         print(f"wrote {out}")
     return result

@@ -189,14 +189,19 @@ def print_plan(runs: list[SweepRun], gpus: int, repo: Path) -> None:
 
 def select_variants(recipe: str, spec: Optional[str]) -> list[Optional[str]]:
     """`a,b`; `all`; `notes/*` (a prefix); none: the recipe itself. Unknown names: ConfigError."""
-    if not spec:
+    if spec is None:
         return [None]
     known = list(read_recipe(recipe).get("variants") or {})
+    if not spec.strip(", "):  # --variants '' (an unset shell variable) names none: not the recipe itself
+        raise ConfigError(f"--variants {spec!r} names no variant; available: {', '.join(known) or 'none'} "
+                          f"(leave --variants out to sweep the recipe as it is)")
     chosen = []
     for item in (part.strip() for part in spec.split(",") if part.strip()):
         matches = (known if item == "all" else [v for v in known if v.startswith(item[:-1])] if item.endswith("*")
                    else [item] if item in known else [])
         if not matches:
-            raise ConfigError(f"recipe {recipe!r} has no variant {item!r}; available: {', '.join(known) or 'none'}")
+            what = "no variant starting with" if item.endswith("*") else "no variant"
+            raise ConfigError(f"recipe {recipe!r} has {what} {item.removesuffix('*')!r}; available: "
+                              f"{', '.join(known) or 'none'}")
         chosen += [v for v in matches if v not in chosen]
     return chosen
