@@ -101,20 +101,18 @@ def test_a_class_folder_that_is_a_link_to_another_class_is_refused(tmp_path, cap
         capfd.readouterr().err
 
 
-def test_pack_takes_the_same_scan_and_keeps_a_dangling_link_as_a_corrupt_image(tmp_path):
+def test_pack_takes_the_same_scan(tmp_path):
+    """A loop is not followed by pack either; a dangling link is refused by pack before it writes
+    (tests/test_bad_input.py), where a training run counts it as a corrupt image."""
     tree = image_tree(tmp_path / "tree", per_class=2, classes=("a", "b"))
     (tree / "a" / "loop").symlink_to(tree)
-    (tree / "b" / "gone.jpg").symlink_to(tree / "b" / "deleted.jpg")
     result = run_cli("pack", tree, tmp_path / "set.lmdb", cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "packed 5 images of 2 classes" in result.stdout
+    assert "packed 4 images of 2 classes" in result.stdout
     assert f"warning: data folder {tree}: not following a/loop -> " in result.stderr
-    assert f"warning: pack: cannot read {tree / 'b' / 'gone.jpg'} (No such file or directory)" in result.stderr
 
     samples, classes = scan_image_folder(tree)
     pack = LmdbImages(str(tmp_path / "set.lmdb"))
     assert pack.classes == classes and pack.labels.tolist() == [label for _, label in samples]
     assert [pack.name(i) for i in range(len(pack))] == \
         [f"{tmp_path / 'set.lmdb'}:{os.path.relpath(path, tree)}" for path, _ in samples]
-    with pytest.raises(CorruptImage):  # reported, replaced and counted when drawn
-        pack.load(samples.index((str(tree / "b" / "gone.jpg"), 1)))
