@@ -3,6 +3,7 @@ shard exactly across ranks and resume mid-epoch, uint8 batches stacked channels-
 `normalize`, which turns them into the model's floats in the training process."""
 from __future__ import annotations
 
+import copy
 import os
 import signal
 from dataclasses import dataclass
@@ -116,7 +117,11 @@ class TransformedSubset(Dataset):
         file is corrupt is refused at build, before the run directory is written, at the cost of one
         decode when image 0 is fine. Its random numbers are (seed, epoch, 0)'s: nothing else moves."""
         if self.indices:
-            self[0]
+            probe = copy.copy(self)
+            # a copy of the source as a worker gets it (pickled state: the corrupt flags shared), so a
+            # handle the probe opens (an LMDB environment) is not inherited by the forked workers
+            probe.images = copy.copy(self.images)
+            probe[0]
 
 
 def collate_channels_last(batch):
