@@ -56,11 +56,11 @@ def pack(src: str | Path, dst: str | Path, force: bool = False, progress: bool =
         tree = scan_image_folder(src)  # the scan, order and class list every source shares
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(f"pack: {src}: {str(err).splitlines()[0]}") from None
-    unreadable = [path for path, _ in tree.samples if not os.path.isfile(path)]
-    if unreadable:  # a dangling symlink: refused before anything is written
-        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
-        raise ConfigError(f"pack: {unreadable[0]} is not a file that can be read (a dangling link?){more}")
-    total_bytes = sum(os.path.getsize(path) for path, _ in tree.samples)
+    missing = [path for path, _ in tree.samples if not os.path.isfile(path) and not os.path.exists(path)]
+    if missing:  # a dangling symlink (the scan lists it): refused before anything is written
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"pack: {missing[0]} is a link to nothing{more}")
+    total_bytes = sum(os.path.getsize(path) for path, _ in tree.samples if os.path.isfile(path))
     # LMDB's map is address space, not disk: the file grows with what is written. Room for
     # page rounding of every value (one 4 KiB page at most each) and the B-tree.
     map_size = 2 * total_bytes + 8192 * len(tree.samples) + (64 << 20)
