@@ -125,6 +125,9 @@ CASES = {
     "lr scaled to zero": Case([*NEW, "optim.lr=5e-324"], "is 0: not a learning rate"),
     "epochs overflow the step count": Case([*NEW, "train.epochs=1e308"], "train.epochs=1e+308 is more optimizer steps"),
     "eval interval overflows": Case([*NEW, "train.eval_every_epochs=1e308"], "train.eval_every_epochs=1e+308"),
+    "lr decay stairs overflow": Case([*NEW, "schedule.name=tf_staircase", "schedule.warmup_epochs=0",
+                                      "schedule.decay_epochs=1e-320", "train.max_steps=3"],
+                                     "schedule.decay_epochs=1e-320 is a stair every"),
     "grad_accum too large": Case([*NEW, "train.grad_accum=100000"], "lower train.grad_accum"),
     "global batch too large": Case([*NEW, "train.global_batch=3200000"], "lower train.global_batch"),
     "synthetic images past memory": Case([*NEW, "data.source=synthetic", f"data.synthetic_images={10**12}"],
@@ -162,7 +165,7 @@ CASES = {
     "resume, config.yaml empty": Case(RESUME, "run/config.yaml is damaged: empty", damaged_config(b"")),
     "resume, config.yaml binary": Case(RESUME, "run/config.yaml", damaged_config(bytes(range(256)))),
     # -- pack
-    "pack a dangling link": Case(["pack", "tree", "out.lmdb"], "tree/cat/gone.jpg is not a file that can be read",
+    "pack a dangling link": Case(["pack", "tree", "out.lmdb"], "pack: tree/cat/gone.jpg is a link to nothing",
                                  dangling_link),
     "pack into /proc": Case(["pack", "tree", "/proc/out.lmdb"], "pack: cannot write in /proc", tree),
     "pack through a file": Case(["pack", "tree", "notes.txt/out.lmdb"],

@@ -193,6 +193,18 @@ class LRSchedule:
     steps_per_epoch: float  # optimizer steps per epoch of the schedule (train.epoch_scale x the data)
     total_steps: int
 
+    def __post_init__(self):
+        # the decay's stair count grows with the step: if the last step's lr computes, every step's does
+        # (schedule.decay_epochs=1e-320 passed the config and overflowed math.floor at step 1, mid-run)
+        try:
+            last = self(max(0, self.total_steps - 1))
+        except OverflowError:
+            last = math.inf
+        if not math.isfinite(last):
+            raise ConfigError(f"schedule.decay_epochs={self.cfg.decay_epochs} is a stair every "
+                              f"{self.cfg.decay_epochs * self.steps_per_epoch:.3g} optimizer steps: too many stairs "
+                              f"to count in {self.total_steps} steps")
+
     @property
     def warmup_steps(self) -> int:
         return int(self.cfg.warmup_epochs * self.steps_per_epoch)  # TF truncates too
