@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import ConfigError, available_recipes, load_config, read_recipe
 
 OVERRIDES_HELP = """\
-overrides are key=value pairs on the config tree, the value read as YAML:
+overrides are key=value pairs on the config tree, the value read as YAML (yes/no/on/off stay text):
   train.epochs=5  optim.lr=0.05  data.hflip=0  wandb.mode=disabled  model.name=efficientnet_b1
 an unknown key, a wrong type or an out-of-range value stops the run (exit 2) before
 anything is written."""
