@@ -79,3 +79,4 @@ def batch_plan(micro_batch: int, grad_accum: int = 1, world_size: int = 1):
     return RunPlan.build(TrainConfig(micro_batch=micro_batch, grad_accum=grad_accum), CheckpointConfig(), 0.0,
                          world_size, train_images=10 * micro_batch * grad_accum * world_size,
                          micro_batches_per_epoch=10 * grad_accum)
+

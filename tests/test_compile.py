@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO, TINY, read_jsonl
+from conftest import GROUP_VARIABLES, REPO, TINY, read_jsonl
 
 TWO_EVALS = [*TINY, "train.epochs=2", "train.log_every_steps=5", "wandb.mode=disabled"]
 
@@ -111,7 +111,9 @@ def test_steps_between_logging_steps_read_no_tensor_values():
     """On a GPU every read of a tensor's value waits for the device. The trainer's own code reads
     values at logging, evaluation and checkpoint steps only: a run of 40 steps makes exactly as many
     reads as a run of 10 with the same single logging step, evaluation and checkpoint."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # not this process's group variables (an in-process run of an earlier test set them): its own group
+    env = {**{k: v for k, v in os.environ.items() if k not in GROUP_VARIABLES}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
     reads = []
     for steps in (10, 40):
         out = subprocess.run([sys.executable, "-c", SYNC_COUNTER, str(steps)], capture_output=True, text=True,

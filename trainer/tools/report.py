@@ -19,7 +19,7 @@ from typing import Optional
 from ..config import ConfigError
 
 # beside the package, not inside it: found through the editable install of this repository
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"  # the repository's, beside trainer/
 
 
 class NotebookFailed(RuntimeError):
