@@ -25,11 +25,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from typing import NamedTuple
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
-
-from .. import log
 
 MAX_WARNINGS = 10
 ALREADY_THERE = "its target is already in the scan (a file gets one label, and lands in one split)"
@@ -127,11 +126,11 @@ class _Scan:
         self.skipped.append(f"not following {self._shown(link)} -> {target}: {why}")
 
     def warn(self) -> None:
-        """Through the rank-0 logger: every rank scans the same tree."""
         for line in self.skipped[:MAX_WARNINGS]:
-            log.warning(f"data folder {self.directory}: {line}")
+            print(f"warning: data folder {self.directory}: {line}", file=sys.stderr, flush=True)
         if len(self.skipped) > MAX_WARNINGS:
-            log.warning(f"data folder {self.directory}: {len(self.skipped) - MAX_WARNINGS} more links not followed")
+            print(f"warning: data folder {self.directory}: {len(self.skipped) - MAX_WARNINGS} more links "
+                  f"not followed", file=sys.stderr, flush=True)
 
 
 def scan_image_folder(root) -> FolderScan:
