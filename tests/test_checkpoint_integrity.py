@@ -121,6 +121,7 @@ def resize(mount_point: Path, size: int) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(mount_point)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_fails_the_run_in_one_line_and_keeps_the_previous_one(small_filesystem):
     fs = small_filesystem
     run = fs / "run"

@@ -2,6 +2,7 @@
 stop early with status `collapsed` and a diagnosis naming where it went non-finite."""
 import json
 
+import pytest
 import torch
 
 from conftest import read_jsonl
@@ -28,6 +29,7 @@ def assert_collapsed_with_diagnosis(result, run):
     return summary, diagnosis
 
 
+@pytest.mark.slow  # fp16 B0 on a CPU: about a minute each
 def test_label_smoothing_as_log_of_softmax_in_fp16_goes_inf_and_is_reported(cli, tmp_path):
     result, run = run_variant(cli, tmp_path, "fp16-smoothing-inf")
     summary, diagnosis = assert_collapsed_with_diagnosis(result, run)
@@ -38,6 +40,7 @@ def test_label_smoothing_as_log_of_softmax_in_fp16_goes_inf_and_is_reported(cli,
     assert summary["skipped_steps"] == summary["steps"]
 
 
+@pytest.mark.slow
 def test_torch_rmsprop_in_fp16_diverges_and_the_collapse_names_a_module(cli, tmp_path):
     result, run = run_variant(cli, tmp_path, "fp16-rmsprop-collapse")
     summary, diagnosis = assert_collapsed_with_diagnosis(result, run)

@@ -177,6 +177,7 @@ def test_two_ranks_with_syncbn_train_like_one_rank_with_the_global_batch(two_ran
     assert max((after[k] - before[k]).abs().max().item() for k in after if after[k].is_floating_point()) > 1e-2
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks(two_ranks, tmp_path):
     args = ["--run-dir", "run", *SAME_TRAINING, f"train.micro_batch={MICRO_BATCH}", "wandb.mode=disabled"]
     first = launch(*args, "--stop-at-step", "2", cwd=tmp_path)

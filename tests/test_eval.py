@@ -98,6 +98,7 @@ def test_eval_refuses_bad_input_in_one_line(trained, cli, args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_under_the_deepspeed_launcher_counts_every_image_once(trained):
     run, _ = trained
     env = {k: v for k, v in os.environ.items() if k not in GROUP_VARIABLES}

@@ -72,7 +72,8 @@ LONG = [*TINY, *QUIET, "train.micro_batch=32", "train.epochs=2", "train.log_ever
         "train.eval_every_epochs=1", "checkpoint.every_epochs=1"]  # 44.94 steps/epoch as TF counts, 89 steps
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_signal_checkpoints_at_the_next_step_and_resume_finishes(tmp_path, sig):
     run = tmp_path / "run"
     proc = start_cli("train", "--recipe", "demo", "--run-dir", run, *LONG, cwd=tmp_path)

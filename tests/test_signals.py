@@ -104,7 +104,8 @@ def assert_resumes(train_command: list, run: Path, stopped: int, cwd: Path) -> N
     assert logged_steps(run) == list(range(1, stopped + 3))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_a_group_signal_with_dataloader_workers_checkpoints_and_resumes(tmp_path, sig):
     """The workers get the signal too; they leave it to the training process."""
     image_tree(tmp_path / "tree", per_class=20)
