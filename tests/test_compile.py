@@ -17,7 +17,7 @@ def summary_of(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("setting", ["model", "engine"])
+@pytest.mark.parametrize("setting", ["model", pytest.param("engine", marks=pytest.mark.slow)])
 def test_compiled_run_trains_and_train_and_eval_do_not_recompile_each_other(cli, tmp_path, setting):
     # two epochs: train, eval, train, eval, so each mode runs again after the other
     result = cli("train", "--recipe", "demo", "--run-dir", "run", *TWO_EVALS, f"compile.target={setting}",
@@ -32,6 +32,7 @@ def test_compiled_run_trains_and_train_and_eval_do_not_recompile_each_other(cli,
     assert "recompiled" not in result.stderr and "new graph" not in result.stderr
 
 
+@pytest.mark.slow
 def test_compiled_checkpoint_resumes_eagerly_with_the_same_keys(cli, tmp_path):
     """nn.Module.compile works in place: the checkpoint's keys are the eager model's, and the
     execution settings (compile, channels_last) may change when a run resumes."""

@@ -57,6 +57,7 @@ def test_pack_reads_back_as_the_tree(tmp_path):
     assert again.returncode == 2 and "--force" in again.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_pack_leaves_no_complete_looking_file(tmp_path):
     tree = image_tree(tmp_path / "tree", per_class=3)
     os.mkfifo(tree / "fox" / "zz.jpg")  # reading it blocks forever: the pack stalls mid-way

@@ -215,6 +215,7 @@ def test_corrupt_files_met_by_rank_1_only_are_counted_in_rank_0s_metrics(tmp_pat
     assert summary["status"] == "completed" and summary["corrupt_images"] == 2
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     log = tmp_path / "launch.log"
     # ZeRO 1: every rank writes its own optimizer partition, so the checkpoint shows who wrote it

@@ -127,6 +127,7 @@ def test_timm_modes_need_an_even_micro_batch():
         build_batch_augment(DataConfig(), MixupConfig(mode="pair"), K, 7, seed=0, rank=0)
 
 
+@pytest.mark.slow  # test_reliability's exact-resume test covers the same numbers with mixup on
 def test_a_resumed_run_redraws_the_same_augmentation_mixup_and_dropout(cli, tmp_path):
     """Stop after step 2 and resume: steps 3-4 give the uninterrupted run's losses exactly, with
     RandAugment, flip, random erasing and TF mixup on (and dropout, whose numbers the loader's
