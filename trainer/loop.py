@@ -140,7 +140,7 @@ class Run:
         except BaseException:
             lock.release()
             raise
-        versions = code_versions()
+        versions = code_versions() if dist.is_main else {}  # git runs once, on the rank that writes
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             write_json_atomic(run_dir / "plan.json", parts.plan.to_dict())
