@@ -136,3 +136,19 @@ def test_ema_is_compiled_for_eval_only_once_the_evals_to_come_cost_more_than_com
     assert policy.consider(module, eval_seconds=2.0, evals_left=50, compile_seconds=90.0)  # 100 s > 90 s
     assert module._compiled_call_impl is not None  # nn.Module.compile, in place
     assert not policy.consider(module, eval_seconds=2.0, evals_left=50, compile_seconds=90.0)  # once
+
+
+def test_channels_last_at_fp32_turns_the_weights_nhwc_and_trains_the_same(cli, tmp_path):
+    """At fp32/ZeRO 0 the convolutions' weights go NHWC with the inputs, the fast layout; the
+    numbers are the NCHW run's up to float rounding."""
+    losses = {}
+    for layout in ("false", "true"):
+        result = cli("train", "--recipe", "demo", "--run-dir", f"run-{layout}", *TINY, "train.max_steps=6",
+                     "train.log_every_steps=1", "wandb.mode=disabled", f"compile.channels_last={layout}",
+                     env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[layout] = [r["loss"] for r in read_jsonl(tmp_path / f"run-{layout}" / "metrics.jsonl") if "loss" in r]
+    assert len(losses["true"]) == 6 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    ckpt = next((tmp_path / "run-true" / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))
+    kernels = [t for t in torch.load(ckpt, map_location="cpu", weights_only=False)["module"].values() if t.dim() == 4]
+    assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)

@@ -54,6 +54,22 @@ def test_conv_init_std_is_tf(init):
     assert torch.all(model.classifier.bias == 0)
 
 
+@pytest.mark.parametrize("init", ["tf", "timm"])
+def test_head_init_classes_gives_a_10_class_head_imagenets_logit_scale(init):
+    """At 10 classes TF's dense init makes a fresh B0's first loss ~5.7 (ln 10 = 2.3); with the
+    classifier initialised as for 1000 classes the first loss is near ln 10, as ImageNet's is near ln 1000."""
+    def first_loss(**options):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name="efficientnet_b0", init=init, drop_rate=0, drop_path_rate=0,
+                                        **options), num_classes=10)  # train mode: BN on batch statistics
+        images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            return nn.functional.cross_entropy(model(images), torch.zeros(64, dtype=torch.long)).item()
+
+    assert first_loss() > 4.0
+    assert first_loss(head_init_classes=1000) == pytest.approx(math.log(10), abs=0.3)
+
+
 def test_torch_init_is_different():
     """init=torch: PyTorch's defaults (kaiming-uniform, std = 1 / sqrt(3 fan_in)): the notes' pre-TF-init runs."""
     torch.manual_seed(0)

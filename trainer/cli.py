@@ -103,11 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
                "examples:\n  python -m trainer sweep --recipe notes_b0 --variants notes/1,notes/2 --seeds 2 "
                "data.source=digits data.image_size=32\n"
                "  python -m trainer sweep --recipe tf_efficientnet_b0 --seeds 3 --plan data.path=/data/train\n")
-    sweep.add_argument("--recipe", required=True, help="recipe name")
+    source = sweep.add_mutually_exclusive_group(required=True)
+    source.add_argument("--recipe", help="recipe name")
+    source.add_argument("--proxy", help="a named proxy protocol (its recipe, variants, seeds and settings; "
+                                        "reports/README.md): cifar10")
     sweep.add_argument("--variants", help="comma-separated variants (default: the recipe as it is); "
                                           "'all' for every variant, a trailing * for a prefix (notes/*)")
-    sweep.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 per variant (default 1)")
-    sweep.add_argument("--sweep-dir", type=Path, help="where the runs go (default runs/sweep-<recipe>)")
+    sweep.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 per variant (default 1, a proxy's own)")
+    sweep.add_argument("--jobs", type=positive_int, default=1,
+                       help="runs at a time on this machine, sharing its cores (default 1)")
+    sweep.add_argument("--sweep-dir", type=Path, help="where the runs go (default runs/sweep-<recipe>, "
+                                                      "runs/proxy-<name>)")
     sweep.add_argument("--group", help="W&B group (default: the sweep directory's name)")
     sweep.add_argument("--plan", action="store_true",
                        help="print deepspeed launcher lines and a SLURM array script instead of running")
@@ -205,16 +211,20 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .tools.sweep import plan_runs, print_plan, run_sweep, select_variants, write_manifest
+    from .tools.sweep import plan_proxy, plan_runs, print_plan, run_sweep, select_variants, write_manifest
 
-    variants = select_variants(args.recipe, args.variants)
-    sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{args.recipe}"
-    runs = plan_runs(args.recipe, variants, args.seeds, sweep_dir, args.overrides, args.group)
+    if args.proxy:
+        sweep_dir = args.sweep_dir or Path("runs") / f"proxy-{args.proxy}"
+        runs = plan_proxy(args.proxy, sweep_dir, args.seeds, args.overrides, args.variants, args.group)
+    else:
+        sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{args.recipe}"
+        runs = plan_runs(args.recipe, select_variants(args.recipe, args.variants), args.seeds or 1, sweep_dir,
+                         args.overrides, args.group)
     if args.plan:
         print_plan(runs, args.gpus, Path.cwd())
         return 0
     write_manifest(runs, sweep_dir)
-    return run_sweep(runs)
+    return run_sweep(runs, args.jobs)
 
 
 def cmd_pack(args) -> int:

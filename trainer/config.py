@@ -139,6 +139,11 @@ class ModelConfig(Section):
     # init applied by us (normal std sqrt(2/fan_out), dense uniform +-1/sqrt(out)); torch: PyTorch
     # module defaults (kaiming-uniform), the init the notes ran before "TF-style init" (rows 19-24).
     init: Literal["timm", "tf", "torch"] = "timm"
+    # TF's (and timm's) classifier init is uniform +-1/sqrt(classes): at 10 classes a fresh B0's
+    # logits have a std of ~4 and the first loss is ~5.7, ten times ImageNet's logit scale. Set
+    # 1000 to give a small-class proxy ImageNet's classifier scale; None: the real class count.
+    # PyTorch's default init (+-1/sqrt(features)) does not depend on the class count: no effect there.
+    head_init_classes: Optional[int] = Field(None, ge=1)
     # notes row 42: gamma of the projection BN of every residual MBConv block starts at 0
     zero_init_last_bn: bool = False
     # notes row 34 (a bug, kept to reproduce it): the block's activation after the projection BN

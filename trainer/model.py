@@ -22,6 +22,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ConfigError(f"model.name: {err}") from None
     init_weights(model, cfg.init)
+    if cfg.head_init_classes and cfg.init != "torch":
+        rescale_classifier_init(model, cfg.head_init_classes)
     set_batchnorm(model, tf_momentum=cfg.bn_momentum, eps=cfg.bn_eps)
     if cfg.zero_init_last_bn:
         zero_init_last_bn(model)
@@ -66,6 +68,16 @@ def init_weights(model: nn.Module, how: str) -> None:
             elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+
+
+def rescale_classifier_init(model: nn.Module, classes: int) -> None:
+    """TF's dense init, uniform +-1/sqrt(classes), as if the classifier had `classes` outputs."""
+    classifier = model.get_classifier()
+    bound = 1.0 / math.sqrt(classes)
+    with torch.no_grad():
+        classifier.weight.uniform_(-bound, bound)
+        if classifier.bias is not None:
+            classifier.bias.zero_()
 
 
 def set_batchnorm(model: nn.Module, tf_momentum: float, eps: float) -> None:

@@ -8,12 +8,17 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from ..config import ConfigError, load_config, read_recipe
 from ..track import read_summary, write_json_atomic
+
+PROXIES = Path(__file__).parent / "proxies"
 
 # a run with one of these statuses is a result (a collapse is the notes' outcome for some rows)
 FINISHED = ("completed", "collapsed")
@@ -71,6 +76,33 @@ def plan_runs(recipe: str, variants: list[Optional[str]], seeds: int, sweep_dir:
     return runs
 
 
+def read_proxy(name: str) -> dict:
+    """A named proxy protocol (trainer/tools/proxies/NAME.yaml): a recipe, its seeds, the settings
+    of every run, and parts of variants with their own settings (e.g. a precision)."""
+    path = PROXIES / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROXIES.glob("*.yaml"))
+        raise ConfigError(f"--proxy: no protocol {name!r}; available: {', '.join(known)}")
+    return yaml.safe_load(path.read_text())
+
+
+def plan_proxy(name: str, sweep_dir: Path, seeds: Optional[int], overrides: list[str],
+               only: Optional[str] = None, group: Optional[str] = None) -> list[SweepRun]:
+    """Every part of the protocol, each part's variants x the protocol's seeds (or `seeds`);
+    `overrides` come after the protocol's own; `only` (a --variants spec) keeps a subset."""
+    proxy = read_proxy(name)
+    recipe, chosen = proxy["recipe"], select_variants(proxy["recipe"], only) if only else None
+    runs = []
+    for part in proxy["parts"].values():
+        variants = [v for v in select_variants(recipe, part["variants"]) if chosen is None or v in chosen]
+        if variants:
+            runs += plan_runs(recipe, variants, seeds or proxy["seeds"], sweep_dir,
+                              [*proxy["overrides"], *part.get("overrides", []), *overrides], group)
+    if not runs:
+        raise ConfigError(f"--variants {only!r}: none of them is in the {name} protocol")
+    return runs
+
+
 def write_manifest(runs: list[SweepRun], sweep_dir: Path) -> None:
     """sweep.json: every (variant, seed) and the run directory holding its result, for the notebooks."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -79,43 +111,46 @@ def write_manifest(runs: list[SweepRun], sweep_dir: Path) -> None:
          "same_as": r.same_as.name if r.same_as else None} for r in runs]})
 
 
-def run_sweep(runs: list[SweepRun]) -> int:
-    """Run each unfinished run to its end, one at a time, in a child process (a fresh DeepSpeed,
-    W&B and torch state per run). SIGINT/SIGTERM stop the running child cleanly (it checkpoints)
-    and end the sweep; the same command later continues it. Exit 1 if a run failed."""
+def run_sweep(runs: list[SweepRun], jobs: int = 1) -> int:
+    """Run each unfinished run to its end in a child process (a fresh DeepSpeed, W&B and torch
+    state per run), `jobs` at a time (each then gets cores / jobs threads unless OMP_NUM_THREADS
+    is set). SIGINT/SIGTERM stop the running children cleanly (they checkpoint) and end the sweep;
+    the same command later continues it. Exit 1 if a run failed."""
     stopping = []
-    child: list[subprocess.Popen] = []
+    active: dict[subprocess.Popen, tuple[str, SweepRun]] = {}
 
     def stop(signum, frame):
         stopping.append(signum)
-        if child:  # passed on: the run counts a copy of a signal it also got from its group as one request
-            child[0].send_signal(signum)
+        for child in list(active):  # passed on: a run counts a copy of a signal it also got from its group as one request
+            child.send_signal(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    env = single_process_env(jobs)
     failed = []
     try:
-        for index, run in enumerate(runs, 1):
-            head = f"[{index}/{len(runs)}] {run.label}"
-            if run.same_as:
-                print(f"{head}: same settings as {run.same_as.name}, not run again", flush=True)
-                continue
-            if run.status() in FINISHED:
-                print(f"{head}: {run.status()} already, skipped ({run.run_dir})", flush=True)
-                continue
-            if stopping:
+        queue = list(enumerate(runs, 1))
+        while queue or active:
+            while queue and len(active) < jobs and not stopping:
+                index, run = queue.pop(0)
+                head = f"[{index}/{len(runs)}] {run.label}"
+                if run.same_as:
+                    print(f"{head}: same settings as {run.same_as.name}, not run again", flush=True)
+                elif run.status() in FINISHED:
+                    print(f"{head}: {run.status()} already, skipped ({run.run_dir})", flush=True)
+                else:
+                    child = start_run(run, env, head)
+                    active[child] = (head, run)
+                    if stopping:  # the signal came while this run was starting
+                        child.send_signal(signal.SIGTERM)
+            if stopping and not active:
                 break
-            print(f"{head}: training in {run.run_dir}", flush=True)
-            run.run_dir.parent.mkdir(parents=True, exist_ok=True)
-            with open(run.run_dir.parent / f"{run.run_dir.name}.log", "a") as log:
-                child[:] = [subprocess.Popen([sys.executable, "-m", "trainer", "train", *run.train_args()],
-                                             stdout=log, stderr=subprocess.STDOUT, env=single_process_env())]
-                if stopping:  # the signal came while this run was starting
-                    child[0].send_signal(signal.SIGTERM)
-                code = child[0].wait()
-            status = run.status()
-            print(f"{head}: {status or 'no summary'} (exit {code}){describe(run)}", flush=True)
-            if status not in FINISHED and not stopping:
-                failed.append(run)
+            time.sleep(0.2)
+            for child, (head, run) in [(c, item) for c, item in active.items() if c.poll() is not None]:
+                del active[child]
+                status = run.status()
+                print(f"{head}: {status or 'no summary'} (exit {child.returncode}){describe(run)}", flush=True)
+                if status not in FINISHED and not stopping:
+                    failed.append(run)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -129,12 +164,24 @@ def run_sweep(runs: list[SweepRun]) -> int:
     return 0
 
 
-def single_process_env() -> dict[str, str]:
+def start_run(run: SweepRun, env: dict[str, str], head: str) -> subprocess.Popen:
+    print(f"{head}: training in {run.run_dir}", flush=True)
+    run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.run_dir.parent / f"{run.run_dir.name}.log", "a") as log:
+        return subprocess.Popen([sys.executable, "-m", "trainer", "train", *run.train_args()],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def single_process_env(jobs: int = 1) -> dict[str, str]:
     """This environment without a process group's variables: each run here is one process of its
     own (inherited from a launcher, or from a test that made a group, they would make the run join
-    that group's rendezvous, on a port already taken)."""
+    that group's rendezvous, on a port already taken). Runs side by side share the cores: torch's
+    default of one thread per core in each would oversubscribe them (on 2 cores, ~50x slower)."""
     group = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {name: value for name, value in os.environ.items() if name not in group}
+    env = {name: value for name, value in os.environ.items() if name not in group}
+    if jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
 
 
 def describe(run: SweepRun) -> str:
