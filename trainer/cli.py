@@ -223,7 +223,7 @@ def cmd_sweep(args) -> int:
     if args.plan:
         print_plan(runs, args.gpus, Path.cwd())
         return 0
-    write_manifest(runs, sweep_dir)
+    write_manifest(runs, sweep_dir, args.proxy)
     return run_sweep(runs, args.jobs)
 
 

@@ -103,10 +103,12 @@ def plan_proxy(name: str, sweep_dir: Path, seeds: Optional[int], overrides: list
     return runs
 
 
-def write_manifest(runs: list[SweepRun], sweep_dir: Path) -> None:
-    """sweep.json: every (variant, seed) and the run directory holding its result, for the notebooks."""
+def write_manifest(runs: list[SweepRun], sweep_dir: Path, proxy: Optional[str] = None) -> None:
+    """sweep.json: every (variant, seed) and the run directory holding its result, for the notebooks;
+    for a proxy its name and its label thresholds, fixed before the runs."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(sweep_dir / "sweep.json", {"recipe": runs[0].recipe, "group": runs[0].group, "runs": [
+    labels = {"proxy": proxy, "labels": read_proxy(proxy)["labels"]} if proxy else {}
+    write_json_atomic(sweep_dir / "sweep.json", {"recipe": runs[0].recipe, "group": runs[0].group, **labels, "runs": [
         {"variant": r.variant, "seed": r.seed, "run_dir": (r.same_as or r.run_dir).name,
          "same_as": r.same_as.name if r.same_as else None} for r in runs]})
 
