@@ -42,8 +42,12 @@ def test_label_smoothing_as_log_of_softmax_in_fp16_goes_inf_and_is_reported(cli,
 
 @pytest.mark.slow
 def test_torch_rmsprop_in_fp16_diverges_and_the_collapse_names_a_module(cli, tmp_path):
-    result, run = run_variant(cli, tmp_path, "fp16-rmsprop-collapse")
+    result, run = run_variant(cli, tmp_path, "fp16-rmsprop-stress")
     summary, diagnosis = assert_collapsed_with_diagnosis(result, run)
     culprit = diagnosis["first_nonfinite_forward"] or diagnosis["first_nonfinite_gradient"]
     assert culprit and culprit["module"]
     assert summary["steps"] < 200  # caught early, not after a whole run on NaN
+    norms = diagnosis["culprit_weight_norms"]  # the named layer (or the nearest one above with weights), per step
+    assert culprit["module"].startswith(norms["module"]) and norms["weights"]
+    assert norms["steps"] == [row["step"] for row in diagnosis["history"]]
+    assert all(len(row) == len(norms["weights"]) for row in norms["norms"])

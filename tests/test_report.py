@@ -16,7 +16,7 @@ SWEEP = ["sweep", "--recipe", "notes_b0", "--variants", "notes/1,notes/3", "--se
          "train.eval_every_epochs=0.05", *FAST]
 HEALTHY = ["train", "--recipe", "demo", "--run-dir", "healthy", "engine.precision=fp16", "engine.allow_cpu_fp16=true",
            "train.max_steps=8", "train.log_every_steps=1", *FAST]
-COLLAPSED = ["train", "--recipe", "demo", "--variant", "fp16-rmsprop-collapse", "--run-dir", "collapsed",
+COLLAPSED = ["train", "--recipe", "demo", "--variant", "fp16-rmsprop-stress", "--run-dir", "collapsed",
              "train.log_every_steps=1", *FAST]
 
 

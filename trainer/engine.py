@@ -53,6 +53,9 @@ class TrainEngine:
         self.device = ds_engine.device
         self.input_dtype = next(self.module.parameters()).dtype  # half when DeepSpeed's fp16 casts the model
         self._last_loss = None
+        # the weights' norm per tensor after every step, for a collapse's diagnosis: a weight norm
+        # that keeps growing shows why no loss scale could make the next step finite
+        self.weight_names, self._weights = zip(*self.module.named_parameters())
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.ds(inputs)
@@ -91,8 +94,9 @@ class TrainEngine:
                                 step=step, loss_scale=scale) from err
             raise
         outcome = self._outcome(scale)
+        weight_norms = torch.stack(torch._foreach_norm(self._weights, 2, dtype=torch.float32))  # stays on the device
         collapse = self.monitor.record(StepRecord(step, self._last_loss, outcome.applied, outcome.loss_scale,
-                                                  outcome.grad_norm))
+                                                  outcome.grad_norm, weight_norms))
         if collapse:
             raise Collapsed(collapse, step=step, loss_scale=scale)
         return outcome

@@ -25,6 +25,7 @@ class StepRecord:
     applied: bool
     loss_scale: Optional[float]
     grad_norm: Optional[float]
+    weight_norms: Optional[torch.Tensor] = None  # one per parameter tensor, on the device
 
 
 @dataclass
@@ -54,6 +55,19 @@ class HealthMonitor:
     def history_rows(self) -> list[dict]:
         return [{"step": r.step, "loss": _float(r.loss), "applied": r.applied, "loss_scale": r.loss_scale,
                  "grad_norm": r.grad_norm} for r in self.history]
+
+
+def weight_norm_history(monitor: HealthMonitor, names: list[str], module: Optional[str]) -> dict:
+    """Per step of the history: the norm of each weight of `module`, or of the nearest module above it
+    that has weights (an activation has none)."""
+    while module and not any(name.rpartition(".")[0] == module for name in names):
+        module = module.rpartition(".")[0]
+    if not module:
+        return {}
+    wanted = [i for i, name in enumerate(names) if name.rpartition(".")[0] == module]
+    rows = [(r.step, r.weight_norms[wanted].tolist()) for r in monitor.history if r.weight_norms is not None]
+    return {"module": module, "weights": [names[i] for i in wanted],
+            "steps": [step for step, _ in rows], "norms": [norms for _, norms in rows]}
 
 
 def _float(value) -> float:
@@ -113,7 +127,7 @@ def first_nonfinite_modules(model: nn.Module, inputs: torch.Tensor, targets: tor
 
 
 def write_diagnosis(run_dir: Path, reason: str, step: int, modules: dict, monitor: HealthMonitor,
-                    precision: str) -> dict:
+                    precision: str, weight_names: list[str]) -> dict:
     history = monitor.history_rows()
     culprit = modules.get("forward") or modules.get("backward")
     advice = {
@@ -123,7 +137,8 @@ def write_diagnosis(run_dir: Path, reason: str, step: int, modules: dict, monito
     }.get(precision, "the loss or gradients are non-finite in full range: lower the lr or check the module above")
     diagnosis = {"reason": reason, "step": step, "precision": precision, "skipped_steps": monitor.skipped_steps,
                  "first_nonfinite_forward": modules.get("forward"), "first_nonfinite_gradient": modules.get("backward"),
-                 "replayed_loss": modules.get("loss"), "advice": advice, "history": history}
+                 "replayed_loss": modules.get("loss"), "advice": advice, "history": history,
+                 "culprit_weight_norms": weight_norm_history(monitor, weight_names, culprit and culprit["module"])}
     write_json_atomic(run_dir / "diagnosis.json", diagnosis)
     lines = [f"# Run collapsed at step {step}", "", f"**Why:** {reason}.", ""]
     if culprit:
@@ -135,6 +150,11 @@ def write_diagnosis(run_dir: Path, reason: str, step: int, modules: dict, monito
                      "the overflow came from the loss scale itself.")
     if modules.get("forward") and modules.get("backward"):
         lines.append(f"First non-finite gradient (backward order): `{modules['backward']['module']}`.")
+    norms = diagnosis["culprit_weight_norms"]
+    if norms.get("steps"):
+        first, last = (sum(n * n for n in row) ** 0.5 for row in (norms["norms"][0], norms["norms"][-1]))
+        lines.append(f"Weight norm of `{norms['module']}` from step {norms['steps'][0]} to {norms['steps'][-1]}: "
+                     f"{first:.4g} -> {last:.4g}.")
     lines += ["", f"**What to do:** {advice}.", "", "## The steps leading up to it", "",
               "| step | loss | loss scale | applied | grad norm |", "|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['loss']} | {r['loss_scale']} | {r['applied']} | {r['grad_norm']} |" for r in history]

@@ -246,7 +246,7 @@ class Run:
         scale = collapse.loss_scale or self.last_result.outcome.loss_scale or 1.0
         modules = health.first_nonfinite_modules(engine.module, inputs, targets, self.parts.step.criterion, scale)
         diagnosis = health.write_diagnosis(self.run_dir, str(collapse), self.state.step, modules, engine.monitor,
-                                           self.cfg.engine.precision)
+                                           self.cfg.engine.precision, engine.weight_names)
         culprit = diagnosis["first_nonfinite_forward"] or diagnosis["first_nonfinite_gradient"]
         log.error(f"collapsed at step {self.state.step}: {collapse}; first non-finite: "
                   f"{culprit['module'] if culprit else 'none found'}; see {self.run_dir / 'diagnosis.md'}")
