@@ -197,6 +197,18 @@ def test_notes_variants_that_claim_the_same_settings_have_them():
     assert checked >= 5
 
 
+def test_every_notes_row_but_the_first_modifies_an_earlier_row():
+    """meta.modifies, the row notebooks/ablations.ipynb compares each row with: the row before within a part,
+    row 13 at the start of parts 2 and 3, else a row whose settings this one changes in one respect."""
+    modifies = {body["meta"]["row"]: body["meta"].get("modifies")
+                for name, body in notes_variants().items() if name.startswith("notes/")}
+    assert modifies[1] is None
+    for row in NOTES_ROWS[1:]:
+        assert isinstance(modifies[row], int) and 1 <= modifies[row] < row, (row, modifies[row])
+    assert modifies[14] == modifies[26] == 13
+    assert (modifies[23], modifies[24], modifies[37]) == (19, 23, 34)
+
+
 def test_notes_row_1_is_the_recipe_and_rows_accumulate():
     base = load_config("notes_b0")
     assert settings(load_config("notes_b0", variant="notes/1")) == settings(base)

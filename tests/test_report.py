@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 import yaml
+from scipy import stats
 
 from conftest import TINY, run_cli
 from trainer.config import load_config
@@ -39,6 +40,20 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
     return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
 
 
+def tables(markdown: str) -> list[list[dict[str, str]]]:
+    """Every Markdown table, in order: its rows as dicts keyed by the header's cells."""
+    found, block = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|---"):  # the header's separator
+            continue
+        if line.startswith("| "):
+            block.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+        elif block:
+            found.append([dict(zip(block[0], cells)) for cells in block[1:]])
+            block = []
+    return found
+
+
 def top1_of(root, variant):
     return [json.loads((root / "sweep" / f"{variant}-seed{seed}" / "summary.json").read_text())["top1"]
             for seed in (0, 1)]
@@ -46,10 +61,12 @@ def top1_of(root, variant):
 
 def test_ablations_report_has_the_notes_table_with_seed_statistics_and_deltas(report):
     text = (report / "out" / "ablations.md").read_text()
-    rows = table_rows(text)
-    header = rows["#"]
-    assert header[:2] == ["change", "runs"] and header[-1] == "notes (ImageNet)"
-    row1, row3 = dict(zip(header, rows["1"])), dict(zip(header, rows["3"]))
+    table, compared, summary = tables(text)
+    header = list(table[0])
+    # a sweep without `labels` in sweep.json (not a --proxy one): no label column, and the report says so
+    assert header[:3] == ["#", "change", "runs"] and header[-1] == "notes (ImageNet)" and "label" not in header
+    assert "**No labels:** no `labels` in the `sweep.json` of sweep" in text
+    row1, row3 = (next(r for r in table if r["#"] == n) for n in ("1", "3"))
     base, three = top1_of(report, "notes-1"), top1_of(report, "notes-3")
     assert row1["top-1"] == f"{statistics.mean(base):.2f} ± {statistics.stdev(base):.2f}"
     assert row1["Δ top-1"] == "baseline" and row1["notes (ImageNet)"] == "69.02/89.11"
@@ -57,6 +74,11 @@ def test_ablations_report_has_the_notes_table_with_seed_statistics_and_deltas(re
     within_noise = abs(delta) < max(statistics.stdev(base), statistics.stdev(three))
     assert row3["Δ top-1"] == f"{delta:+.2f}" + (" ≈" if within_noise else "")
     assert row3["runs"] == "2 completed" and "label smoothing" in row3["change"]
+    # row 3 modifies row 2, which this sweep does not have: the notes' direction only
+    assert list(compared[0]) == ["#", "vs row", "Δ vs that row", "test", "ours", "notes", "agrees"]
+    assert compared == [{"#": "3", "vs row": "2 (not swept)", "Δ vs that row": "", "test": "", "ours": "",
+                         "notes": "68.89 → 68.54: down", "agrees": "—"}]
+    assert {r["#"] for r in summary} == {"5", "14", "15", "16", "17", "18", "23", "19", "20", "21", "22", "24", "37"}
     # the setup is read from the runs' config.yaml, not typed in
     assert "digits" in text and "not ImageNet numbers" in text and "test_efficientnet" in text
     assert "![png](ablations_files/val_top1.png)" in text
@@ -84,17 +106,20 @@ def test_a_missing_run_directory_is_a_one_line_error_and_writes_nothing(report):
     assert not (report / "out2").exists()
 
 
-def fake_run(run_dir, variant, seed, precision, status, top1):
-    """A run directory as the trainer leaves it (config.yaml, summary.json, metrics.jsonl), without training."""
+def fake_run(run_dir, variant, seed, precision, status, top1, ema_top1=None, losses=(2.0,)):
+    """A run directory as the trainer leaves it (config.yaml, summary.json, metrics.jsonl), without training:
+    `losses` are its logged training losses (the trainer writes a non-finite one as a string, "inf")."""
     config = load_config("notes_b0", [f"seed={seed}", f"engine.precision={precision}", "data.source=digits"],
                          variant=variant).to_dict()
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    (run_dir / "summary.json").write_text(json.dumps({"status": status, "top1": top1, "top5": top1, "ema_top1": top1,
+    ema_top1 = top1 if ema_top1 is None else ema_top1
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "top1": top1, "top5": top1, "ema_top1": ema_top1,
                                                       "ema_top5": top1, "epochs": 1.0}))
-    evals = [{"step": step, "epoch": step / 10, "top1": top1 or 10.0, "ema_top1": top1 or 10.0, "val_images": 70}
+    training = [{"step": step, "epoch": step / 10, "loss": loss, "lr": 0.1} for step, loss in enumerate(losses, 1)]
+    evals = [{"step": step, "epoch": step / 10, "top1": top1 or 10.0, "ema_top1": ema_top1 or 10.0, "val_images": 70}
              for step in (5, 10)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in evals))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in training + evals))
 
 
 def test_ablations_pools_sweeps_labels_precision_and_marks_shared_runs(tmp_path):
@@ -118,9 +143,7 @@ def test_ablations_pools_sweeps_labels_precision_and_marks_shared_runs(tmp_path)
     result = run_cli("report", "--sweep", "fp32", "fp16", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     text = (tmp_path / "out" / "ablations.md").read_text()
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
+    rows = tables(text)[0]
     assert [(r["#"], r["precision"]) for r in rows] == [("1", "fp32"), ("13", "fp32"), ("13", "fp16"), ("26", "fp32")]
     base, row13, row13_fp16, row26 = rows
     assert base["top-1"] == "91.00 ± 1.41" and base["Δ top-1"] == "baseline"
@@ -129,3 +152,70 @@ def test_ablations_pools_sweeps_labels_precision_and_marks_shared_runs(tmp_path)
     assert row13_fp16["Δ top-1"] == "-11.00"
     assert "same settings as `notes/13`" in row26["change"] and row26["top-1"] == row13["top-1"]
     assert "8 with a result, of 9 listed" in text
+
+
+def test_ablations_labels_rows_and_compares_each_with_the_row_it_modifies(tmp_path):
+    """A --proxy sweep's sweep.json carries label thresholds: each row gets a label by the rule, and each is
+    compared with the row it modifies (the notes' direction, ours, whether they agree)."""
+    seeds = {  # variant: per seed (status, top1, ema_top1, training losses)
+        "notes/2": [("completed", 90.0, 91.0, (2.0,)), ("completed", 89.0, 90.0, (2.0,))],  # the higher: EMA
+        "notes/3": [("completed", 80.0, 70.0, (2.0,)), ("completed", 80.5, 70.0, (2.0,))],
+        "notes/4": [("completed", 60.0, 60.0, (2.0,)), ("completed", 62.0, 62.0, (2.0,))],
+        # collapsed (a pre-collapse top-1 of 45), and a completed run that logged an inf loss: both failed
+        "notes/5": [("collapsed", 45.0, 10.0, (2.0, "inf")), ("completed", 50.0, 50.0, (2.0, "inf", 1.5))],
+        "notes/6": [("completed", 20.0, 20.0, (2.0,)), ("completed", 15.0, 15.0, (2.0,))],  # learned + in between
+        "notes/7": [("completed", 11.0, 11.5, (2.0,)), ("completed", 9.0, 9.0, (2.0,))],  # below 12: failed
+        "notes/10": [("completed", 50.0, 50.0, (2.0,)), ("completed", 70.0, 70.0, (2.0,))],
+        "notes/12": [("completed", 55.0, 55.0, (2.0,)), ("completed", 66.0, 66.0, (2.0,))],  # modifies 10
+    }
+    entries = []
+    for variant, runs in seeds.items():
+        for seed, (status, top1, ema_top1, losses) in enumerate(runs):
+            name = f"{variant.replace('/', '-')}-seed{seed}"
+            fake_run(tmp_path / "sweep" / name, variant, seed, "fp32", status, top1, ema_top1, losses)
+            entries.append({"variant": variant, "seed": seed, "run_dir": name, "same_as": None})
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({
+        "recipe": "notes_b0", "group": "sweep", "proxy": "cifar10",
+        "labels": {"fail_below": 12.0, "learned_from": 18.0}, "runs": entries}))
+    result = run_cli("report", "--sweep", "sweep", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / "out" / "ablations.md").read_text()
+    table, compared, summary = tables(text)
+    assert "`fail_below` 12, `learned_from` 18" in text and "not informative at this length" in text
+    assert "little power" in text
+    labels = {r["#"]: r["label"] for r in table}
+    assert labels == {"2": "learned", "3": "learned", "4": "learned", "5": "failed",
+                      "6": "not informative at this length", "7": "failed", "10": "learned", "12": "learned"}
+    assert list(compared[0]) == ["#", "vs row", "labels", "Δ vs that row", "test", "ours", "notes", "agrees"]
+    rows = {r["#"]: r for r in compared}
+    assert {n: r["vs row"] for n, r in rows.items()} == {"2": "1 (not swept)", "3": "2", "4": "3", "5": "4", "6": "5",
+                                                          "7": "6", "10": "9 (not swept)", "12": "10"}
+
+    def welch(a, b):
+        p = stats.ttest_ind(a, b, equal_var=False).pvalue
+        return f"p = {p:.2g}", p
+
+    # row 3 vs 2 on the higher of model and EMA: 80.0, 80.5 against 91.0, 90.0
+    test, p = welch([80.0, 80.5], [91.0, 90.0])
+    assert p < 0.05 and rows["3"]["test"] == test and rows["3"]["Δ vs that row"] == "-10.25"
+    assert rows["3"]["ours"] == "down" and rows["3"]["notes"] == "68.89 → 68.54: down" and rows["3"]["agrees"] == "yes"
+    # learned -> failed in the labels; the direction is still the test's (a collapsed seed counts with its
+    # last evaluation, 45); the notes: "loss became inf", failed
+    test, p = welch([45.0, 50.0], [60.0, 62.0])
+    ours = "down" if p < 0.05 else "≈"
+    assert rows["5"]["labels"] == "learned → failed" and rows["5"]["test"] == test and rows["5"]["ours"] == ours
+    assert rows["5"]["notes"] == "68.14 → failed: down" and rows["5"]["agrees"] == ("yes" if ours == "down" else "no")
+    # a row that is not informative is compared with nothing
+    assert rows["6"]["labels"] == "failed → not informative" and rows["6"]["agrees"] == "—"
+    assert rows["6"]["notes"] == "failed → 67.86: up"
+    # "(not recorded)": no notes direction
+    assert rows["7"]["notes"] == "67.86 → not recorded: —" and rows["7"]["agrees"] == "—"
+    # the notes go up 2.89 points; two overlapping seeds show nothing: ≈, which disagrees
+    test, p = welch([55.0, 66.0], [50.0, 70.0])
+    assert p >= 0.05 and rows["12"]["test"] == test and rows["12"]["ours"] == "≈"
+    assert rows["12"]["notes"] == "67.86 → 70.75: up" and rows["12"]["agrees"] == "no"
+    assert rows["2"]["agrees"] == "—" and rows["2"]["Δ vs that row"] == ""  # row 1 not swept
+    # the notes' failures and their rows that train, with the labels here
+    listed = {r["#"]: r for r in summary}
+    assert listed["5"]["label here"] == "failed" and listed["5"]["top-1 per seed"] == "45.0, 50.0"
+    assert listed["19"]["top-1 per seed"] == "not swept" and listed["19"]["notes"] == "trains in the notes"
