@@ -2,13 +2,17 @@
 sizes that must divide, TF's steps per epoch, the cadence; what a run prints and saves of it; and
 configs written in the old layout (everything under `train`) still load and resume."""
 import json
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from conftest import TINY
+from trainer.checkpoint import check_zero_world_size
 from trainer.config import LEGACY_KEYS, CheckpointConfig, ConfigError, TrainConfig, load_config, move_legacy_keys
-from trainer.plan import RunPlan, check_same_batch
+from trainer.plan import RunPlan, check_same_batch, rebatch
+from trainer.state import TrainState
 
 
 def plan(world_size=1, images=1_281_167, **train):
@@ -60,6 +64,44 @@ def test_a_checkpoint_resumes_only_with_its_own_batch():
     one_rank = plan(world_size=1, micro_batch=32, grad_accum=1).batch_shape()
     with pytest.raises(ConfigError, match="world_size 1 there, 2 here; global_batch 32 there, 64 here"):
         check_same_batch(one_rank, p)
+
+
+def test_a_batch_change_keeps_the_images_seen_and_the_epochs_order():
+    """--change-batch: the schedule step follows the images seen, the data the epoch's order (all ranks'
+    micro batches are consecutive runs of it) down to a whole micro batch of the new world."""
+    old = plan(world_size=2, micro_batch=32, grad_accum=2, epochs=10)  # global batch 128
+    new = plan(world_size=4, micro_batch=48, epochs=10)  # 192
+    state = TrainState(step=1000, epoch=1, batches_in_epoch=14, images_seen=1000 * 128)
+    moved, change = rebatch(state, old.batch_shape(), new)
+    assert moved.step == 667 and moved.steps_taken == 1000 and moved.images_seen == 128_000  # 666.67 images/192
+    # 14 micro batches x 32 x 2 ranks = 896 images of epoch 1 consumed; 4 x 48 x 4 = 768 of them resume
+    assert (moved.epoch, moved.batches_in_epoch) == (1, 4)
+    row = change.row(0.1, 0.15)
+    assert row["event"] == "batch_change" and "loss" not in row and "top1" not in row
+    assert (row["step"], row["step_before"], row["image_before"], row["image_after"], row["images_repeated"]) == (
+        667, 1000, 896, 768, 128)
+    assert change.describe(0.1, 0.15) == (
+        "batch changed (--change-batch): world 2 x micro batch 32 x accum 2 = global batch 128 -> world 4 x micro "
+        "batch 48 x accum 1 = global batch 192 | step 1000 -> 667 (128000 images seen) | peak lr 0.1 -> 0.15 | "
+        "epoch 1 resumes at image 768 of its order, not 896 (128 images seen twice)")
+    assert rebatch(state, new.batch_shape(), new) == (state, None)  # the same batch: nothing moves
+    with pytest.raises(ConfigError, match=f"at or past this plan's last step {new.total_steps}"):
+        rebatch(replace(state, images_seen=new.total_steps * 192 - 90), old.batch_shape(), new)
+    with pytest.raises(ConfigError, match="does not record its batch"):
+        rebatch(state, None, new)
+
+
+def test_zero_partitions_refuse_another_world_size(tmp_path):
+    def engine(world):  # DeepSpeed's engine at ZeRO 2, as far as the check asks
+        return SimpleNamespace(zero_optimization=lambda: True, zero_optimization_stage=lambda: 2, dp_world_size=world)
+
+    for rank in range(2):  # a checkpoint of two ranks at ZeRO 1/2: one optimizer partition each
+        (tmp_path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    with pytest.raises(ConfigError, match="ZeRO 2's optimizer state partitioned over 2 ranks; it cannot be "
+                                          "loaded on 1"):
+        check_zero_world_size(engine(1), tmp_path)
+    check_zero_world_size(engine(2), tmp_path)
+    check_zero_world_size(engine(1), tmp_path / "nothing")  # ZeRO 0: no partitions
 
 
 def test_the_run_prints_and_saves_its_plan(cli, tmp_path):

@@ -202,7 +202,9 @@ def _fsync(path: Path) -> None:
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, is_main: bool,
          best: Optional[dict] = None) -> str:
-    """All ranks call this (each writes its ZeRO partition); rank 0 commits and prunes.
+    """All ranks call this (each writes its ZeRO partition); rank 0 commits and prunes. step: the
+    number that names the tag, the run's TrainState.steps_taken (it never goes back, so the newest
+    checkpoint is the highest tag even after a batch change moved the schedule's step back).
     best: {"metric", "value"} when this checkpoint is the new best to keep. Returns the tag.
     Raises CheckpointWriteError when it cannot be written, with nothing of it left behind."""
     ckpt_dir = Path(ckpt_dir)
@@ -342,7 +344,25 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
+def zero_partitions(tag_dir: Path) -> int:
+    """How many ranks' ZeRO 1/2 optimizer partitions a checkpoint holds (one file per rank); 0 at ZeRO 0."""
+    return len(list(Path(tag_dir).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
+def check_zero_world_size(engine, tag_dir: Path) -> None:
+    """ZeRO 1/2 split the optimizer state over the ranks, and DeepSpeed cannot split it anew: another
+    world size is refused here, in one line, before DeepSpeed's load raises on it (--change-batch
+    included; another micro batch or accumulation at the same world size is fine)."""
+    saved = zero_partitions(tag_dir)
+    if engine.zero_optimization() and saved and saved != engine.dp_world_size:
+        ranks = f"{saved} rank{'s' if saved > 1 else ''}"
+        raise ConfigError(f"{tag_dir} holds ZeRO {engine.zero_optimization_stage()}'s optimizer state partitioned "
+                          f"over {ranks}; it cannot be loaded on {engine.dp_world_size}: resume ZeRO 1/2 runs with "
+                          f"the world size they were trained with")
+
+
 def load(engine, ckpt_dir: Path, tag: str) -> dict:
+    check_zero_world_size(engine, Path(ckpt_dir) / tag)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --run-dir from its latest checkpoint (it must have one); "
                             "the override resume=auto continues if there is one and starts fresh otherwise")
+    train.add_argument("--change-batch", action="store_true",
+                       help="with --resume (or resume=auto): continue with another world size, train.micro_batch or "
+                            "accumulation; the schedule continues at the same number of images, the data where "
+                            "its epoch was left (README: Interruption and resume)")
     train.add_argument("--stop-at-step", type=positive_int, metavar="N",
                        help="stop after optimizer step N as if interrupted (checkpoint, status interrupted)")
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
@@ -181,10 +185,13 @@ def cmd_train(args) -> int:
     resume = "required" if args.resume else ("auto" if len(overrides) < len(args.overrides) else None)
     if resume and args.run_dir is None:
         raise ConfigError("resuming needs --run-dir: the run directory to continue")
+    if args.change_batch and not resume:
+        raise ConfigError("--change-batch changes the batch of a run being continued: it needs --resume "
+                          "(or the override resume=auto)")
     cfg = load_config(args.recipe, overrides, variant=args.variant)
     from .loop import fit  # heavy imports (torch, deepspeed) only once the config is valid
 
-    summary = fit(cfg, args.run_dir, resume, stop_at_step=args.stop_at_step)
+    summary = fit(cfg, args.run_dir, resume, stop_at_step=args.stop_at_step, change_batch=args.change_batch)
     return 0 if summary["status"] in ("completed", "interrupted") else 1
 
 

@@ -22,7 +22,8 @@ from .distributed import Distributed, barrier, init_distributed, mean_over_ranks
 from .engine import Collapsed
 from .evaluate import evaluate_model_and_ema
 from .export import code_versions, export_weights
-from .plan import check_same_batch
+from .optim import peak_lr
+from .plan import BatchChange, check_same_batch, rebatch
 from .rundir import claim_run_dir
 from .runlock import RunLock
 from .state import TrainState
@@ -33,16 +34,18 @@ from .track import Tracker, write_json_atomic
 METRIC_NAMES = ("top1", "top5", "ema_top1", "ema_top5")
 
 
-def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int | None = None) -> dict:
+def fit(cfg: Config, run_dir: Path | None, resume: str | None, stop_at_step: int | None = None,
+        change_batch: bool = False) -> dict:
     """Train `cfg` into `run_dir`. resume: None (a fresh run), "auto" (continue if a checkpoint exists)
-    or "required". stop_at_step: behave as if a signal came right after that optimizer step."""
+    or "required". stop_at_step: behave as if a signal came right after that optimizer step.
+    change_batch: a resumed run may continue with another batch (plan.rebatch)."""
     stop = StopRequest(at_step=stop_at_step)
     with stop.handling_signals():  # from the start: a signal during start-up stops the run cleanly too
         dist = init_distributed(cfg.train.collective_timeout_s)
         stop.group = dist.cpu_group
         log.setup_logging(dist.is_main)
         parts = build_parts(cfg, dist)  # may refuse the config: nothing has been written yet
-        run = Run.open(cfg, parts, dist, run_dir, resume)  # the run directory claimed, a checkpoint restored
+        run = Run.open(cfg, parts, dist, run_dir, resume, change_batch)  # the directory claimed, a checkpoint restored
         return train(run, stop)
 
 
@@ -88,7 +91,10 @@ def steps_of_epoch(parts: Parts, state: TrainState):
     an epoch, fewer than one accumulation, are dropped."""
     plan = parts.plan
     parts.loaders.start_epoch(state.epoch, skip_samples=state.batches_in_epoch * plan.micro_batch)
-    batches = islice(parts.loaders.train, plan.steps_per_epoch * plan.grad_accum - state.batches_in_epoch)
+    # whole accumulations from where the state is: steps_per_epoch x grad_accum - batches_in_epoch, except
+    # after a batch change that resumed the epoch at a micro batch between two accumulations
+    left = (plan.micro_batches_per_epoch - state.batches_in_epoch) // plan.grad_accum * plan.grad_accum
+    batches = islice(parts.loaders.train, left)
     while micro_batches := list(islice(batches, plan.grad_accum)):
         yield micro_batches
 
@@ -133,10 +139,11 @@ class Run:
     error: Optional[str] = None  # why a failed run failed, when the trainer knows
 
     @classmethod
-    def open(cls, cfg: Config, parts: Parts, dist: Distributed, run_dir: Optional[Path], resume) -> "Run":
-        run_dir, lock = claim_run_dir(cfg, run_dir, resume, dist)  # rank 0 owns run_dir until lock.release()
+    def open(cls, cfg: Config, parts: Parts, dist: Distributed, run_dir: Optional[Path], resume,
+             change_batch: bool = False) -> "Run":
+        run_dir, lock = claim_run_dir(cfg, run_dir, resume, dist, change_batch)  # rank 0 owns run_dir until released
         try:
-            state = restore(parts, run_dir / "checkpoints")
+            state, change = restore(parts, run_dir / "checkpoints", change_batch)
         except BaseException:
             lock.release()
             raise
@@ -146,7 +153,11 @@ class Run:
             write_json_atomic(run_dir / "plan.json", parts.plan.to_dict())
             write_json_atomic(run_dir / "versions.json", versions)
         tracker = Tracker(run_dir, {**cfg.to_dict(), "versions": versions}, cfg.wandb, cfg.name, enabled=dist.is_main,
-                          resume_step=state.step)
+                          resume_steps_taken=state.steps_taken)
+        if change is not None:  # after the tracker has dropped the rows a killed session left
+            peaks = peak_lr(cfg.optim, change.before["global_batch"]), parts.schedule.peak
+            log.info(change.describe(*peaks))
+            tracker.log(change.row(*peaks), state.steps_taken)
         engine = parts.step.engine
         log.info(f"run {cfg.name}: {run_dir} | {parts.plan.banner()} | peak lr {parts.schedule.peak:.4g} | "
                  f"{cfg.model.name} {cfg.engine.precision} ZeRO {cfg.engine.zero_stage} on {engine.device}")
@@ -189,7 +200,7 @@ class Run:
                **({"compiled_graphs": self.compiles.graphs(), "recompiles": self.compiles.recompiles()}
                   if self.compiles.enabled else {})}
         self.compiles.check(state.step)
-        self.tracker.log(row)
+        self.tracker.log(row, state.steps_taken)
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}", img_s=f"{row['images_per_s']:.0f}",
                              epoch=f"{row['epoch']:.2f}")
         self.window = Window(torch.zeros((), device=engine.device), 0)
@@ -209,7 +220,7 @@ class Run:
         new_best = keep_best != "none" and result[keep_best] > state.best.get(keep_best, -1.0)
         for key in METRIC_NAMES:
             state.best[key] = max(state.best.get(key, -1.0), result[key])
-        self.tracker.log(state.last_eval)
+        self.tracker.log(state.last_eval, state.steps_taken)
         log.info(f"eval step {state.step} epoch {plan.epoch_at(state.step):.2f}: model top1 {result['top1']:.2f} "
                  f"top5 {result['top5']:.2f} | EMA top1 {result['ema_top1']:.2f} top5 {result['ema_top5']:.2f} "
                  f"({result['val_images']} images)")
@@ -228,7 +239,7 @@ class Run:
                   "config": self.cfg.to_dict(), "batch": self.parts.plan.batch_shape()}
         keep_best = self.cfg.checkpoint.keep_best
         best = {"metric": keep_best, "value": state.best[keep_best]} if new_best else None
-        checkpoint.save(engine.ds, self.run_dir / "checkpoints", state.step, client, self.cfg.checkpoint.keep,
+        checkpoint.save(engine.ds, self.run_dir / "checkpoints", state.steps_taken, client, self.cfg.checkpoint.keep,
                         self.dist.is_main, best=best)
         if new_best and self.dist.is_main:
             export_weights(self.run_dir, engine.module, self.parts.step.ema.module, prefix="best_")
@@ -237,8 +248,9 @@ class Run:
     def diagnose(self, collapse: Collapsed) -> None:
         """Name the first module whose output or gradient went non-finite, by replaying the offending
         batch, and write diagnosis.md/.json (rank 0)."""
-        if collapse.step is not None:
-            self.state.step = collapse.step  # the collapsed step counts as taken (and skipped)
+        if collapse.step is not None:  # the collapsed step counts as taken (and skipped)
+            self.state.steps_taken += collapse.step - self.state.step
+            self.state.step = collapse.step
         if not self.dist.is_main:
             return
         engine = self.parts.step.engine
@@ -288,21 +300,25 @@ class Run:
                 **{f"best_{k}": state.best.get(k) for k in METRIC_NAMES}}
 
 
-def restore(parts: Parts, ckpt_dir: Path) -> TrainState:
+def restore(parts: Parts, ckpt_dir: Path, change_batch: bool = False) -> tuple[TrainState, Optional[BatchChange]]:
     """The state of the newest complete checkpoint, loaded into the engine, the EMA and the RNGs; a fresh
-    state when there is none (claim_run_dir has refused a directory that must not be resumed)."""
+    state when there is none (claim_run_dir has refused a directory that must not be resumed). With
+    change_batch, a checkpoint of another batch is moved to this plan's (and what moved is returned)."""
     engine = parts.step.engine
     found = checkpoint.load_newest_intact(engine.ds, ckpt_dir)  # verified; a damaged one is skipped, and said
     if found is None:
         if (ckpt_dir.parent / "config.yaml").exists():
             log.info(f"{ckpt_dir.parent} holds no checkpoint yet: the run starts again from step 0")
-        return TrainState()
+        return TrainState(), None
     tag, client = found
-    check_same_batch(client.get("batch"), parts.plan)
+    if not change_batch:
+        check_same_batch(client.get("batch"), parts.plan)
     state = TrainState(**client["trainer"])
     engine.monitor.skipped_steps = state.skipped_steps
     parts.loaders.mark_corrupt(state.corrupt_images)  # counted on, not reported again
     parts.step.ema.load_state_dict(client["ema"])
     checkpoint.restore_rng_states(client["rng"])
     log.info(f"resuming from {ckpt_dir / tag} (step {state.step})")
-    return state
+    if change_batch:
+        return rebatch(state, client.get("batch"), parts.plan)
+    return state, None

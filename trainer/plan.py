@@ -9,10 +9,11 @@ A global batch that the ranks' micro batches do not divide is refused, never rou
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from .config import CheckpointConfig, ConfigError, TrainConfig
+from .state import TrainState
 
 
 def grad_accum_for(train: TrainConfig, world_size: int) -> int:
@@ -125,4 +126,72 @@ def check_same_batch(saved: Optional[dict], plan: RunPlan) -> None:
     differences = [f"{key} {saved.get(key)} there, {here[key]} here" for key in here if saved.get(key) != here[key]]
     if differences:
         raise ConfigError(f"the checkpoint was trained with another batch ({'; '.join(differences)}); resume with "
-                          f"the same world size, train.micro_batch and accumulation")
+                          f"the same world size, train.micro_batch and accumulation, or pass --change-batch")
+
+
+def describe_batch(shape: dict) -> str:
+    return (f"world {shape['world_size']} x micro batch {shape['micro_batch']} x accum {shape['grad_accum']} = "
+            f"global batch {shape['global_batch']}")
+
+
+@dataclass(frozen=True)
+class BatchChange:
+    """What `rebatch` moved, for the log line and the metrics.jsonl event row."""
+    before: dict  # the checkpoint's batch_shape()
+    after: dict  # this run's
+    step_before: int
+    step_after: int
+    images_seen: int
+    epoch: int  # the data epoch the position is in
+    image_before: int  # images of the epoch's order consumed, all ranks (n)
+    image_after: int  # where this run resumes in that order (n' <= n)
+
+    def row(self, peak_lr_before: float, peak_lr_after: float) -> dict:
+        """The metrics.jsonl row: no `loss` nor `top1`, so readers of training or evaluation rows skip it."""
+        return {"step": self.step_after, "event": "batch_change",
+                **{f"{key}_before": value for key, value in self.before.items()},
+                **{f"{key}_after": value for key, value in self.after.items()},
+                "step_before": self.step_before, "images_seen": self.images_seen,
+                "peak_lr_before": peak_lr_before, "peak_lr_after": peak_lr_after, "data_epoch": self.epoch,
+                "image_before": self.image_before, "image_after": self.image_after,
+                "images_repeated": self.image_before - self.image_after}
+
+    def describe(self, peak_lr_before: float, peak_lr_after: float) -> str:
+        repeated = self.image_before - self.image_after
+        data = (f"epoch {self.epoch} resumes at image {self.image_after} of its order, " +
+                (f"not {self.image_before} ({repeated} images seen twice)" if repeated else "no image seen twice"))
+        return (f"batch changed (--change-batch): {describe_batch(self.before)} -> {describe_batch(self.after)} | "
+                f"step {self.step_before} -> {self.step_after} ({self.images_seen} images seen) | peak lr "
+                f"{peak_lr_before:.4g} -> {peak_lr_after:.4g} | {data}")
+
+
+def rebatch(state: TrainState, saved: Optional[dict], plan: RunPlan) -> tuple[TrainState, Optional[BatchChange]]:
+    """The checkpoint's state moved to this plan's batch (--change-batch); (state, None) when the batch
+    is the checkpoint's own.
+
+    The schedule continues at the same point measured in images, TF's clock (an epoch of the schedule
+    is train images / global batch): step = round(images seen / new global batch), Python's round (a
+    tie goes to the even step). The total, warmup, lr and cadence are the new plan's, as for any run.
+
+    The data continues where the epoch's order was left, to the micro batch: DistributedSampler
+    (drop_last=True: no padding) deals the epoch's permutation of all train images, the same
+    whatever the world size, to the ranks in turn, so `batches_in_epoch` micro batches per rank are
+    exactly its first n = batches_in_epoch x micro batch x world size images. This run starts at
+    n' = the largest multiple of its micro batch x world size <= n: images n'..n-1 are seen twice.
+    n' need not be a multiple of the new global batch: the loop then ends the epoch at the last whole
+    accumulation (loop.steps_of_epoch), dropping what is left as it drops any epoch's remainder."""
+    here = plan.batch_shape()
+    if saved is None:
+        raise ConfigError("--change-batch: the checkpoint does not record its batch (an older trainer wrote it); "
+                          "its data position cannot be recomputed")
+    if saved == here:
+        return state, None
+    step = round(state.images_seen / plan.global_batch)
+    if plan.is_last(step):
+        raise ConfigError(f"--change-batch: {state.images_seen} images seen are step {step} at global batch "
+                          f"{plan.global_batch}, at or past this plan's last step {plan.total_steps}: nothing to train")
+    consumed = state.batches_in_epoch * saved["micro_batch"] * saved["world_size"]
+    per_batch = plan.micro_batch * plan.world_size  # images per micro batch, all ranks
+    batches = consumed // per_batch
+    change = BatchChange(saved, here, state.step, step, state.images_seen, state.epoch, consumed, batches * per_batch)
+    return replace(state, step=step, batches_in_epoch=batches), change

@@ -27,6 +27,11 @@ MAY_CHANGE_ON_RESUME = {"wandb": None, "compile": None, "data": ("num_workers",)
                         "checkpoint": ("every_epochs", "keep", "keep_best")}
 
 
+# the batch: a resume may change it only when asked (--change-batch), which recomputes the schedule and
+# data position (plan.rebatch); the world size, the batch's third factor, is not in the config
+BATCH_SETTINGS = ("train.micro_batch", "train.grad_accum", "train.global_batch")
+
+
 def _comparable(config: dict) -> dict:
     kept = {k: v for k, v in config.items() if k not in MAY_CHANGE_ON_RESUME or MAY_CHANGE_ON_RESUME[k]}
     for section, keys in MAY_CHANGE_ON_RESUME.items():
@@ -45,11 +50,12 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _differences(saved: dict, cfg: Config) -> list[str]:
+def _differences(saved: dict, cfg: Config, change_batch: bool = False) -> list[str]:
     """The settings in which this run differs from the saved one, one 'key: there, here' each."""
     there, here = _flat(_comparable(saved)), _flat(_comparable(cfg.to_dict()))
+    ignored = BATCH_SETTINGS if change_batch else ()
     differences = []
-    for key in sorted(there.keys() | here.keys()):
+    for key in sorted((there.keys() | here.keys()) - set(ignored)):
         if key not in there:
             differences.append(f"{key}: absent there (an older trainer made the run), {here[key]!r} here")
         elif key not in here:
@@ -59,7 +65,7 @@ def _differences(saved: dict, cfg: Config) -> list[str]:
     return differences
 
 
-def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
+def _check(cfg: Config, run_dir: Path, resume: Optional[str], change_batch: bool = False) -> Optional[str]:
     """None if this run may use run_dir, else the reason it may not."""
     if run_dir.exists() and not run_dir.is_dir():
         return f"run directory {run_dir} is a file, not a directory"
@@ -70,13 +76,14 @@ def _check(cfg: Config, run_dir: Path, resume: Optional[str]) -> Optional[str]:
             saved = read_config(run_dir)
         except ConfigError as err:  # returned, not raised: the other ranks wait for rank 0's answer
             return f"run directory {run_dir}: {err}"
-        differences = _differences(saved, cfg)
+        differences = _differences(saved, cfg, change_batch)
         if resume is None and (has_checkpoint or differences):
             return (f"run directory {run_dir} already holds a run; pass --resume to continue it "
                     f"or choose another --run-dir")
         if differences:
+            batch = any(d.startswith(BATCH_SETTINGS) for d in differences)
             return (f"run directory {run_dir} holds a run with a different config ({'; '.join(differences)}); "
-                    f"resume with the same settings")
+                    f"resume with the same settings{' (or pass --change-batch for another batch)' if batch else ''}")
         # resumed, or the same run stopped before its first checkpoint (a signal during start-up, a
         # kill): it starts again from step 0, a plain rerun as much as --resume
         return None
@@ -99,37 +106,41 @@ def _make_writable(run_dir: Path) -> Optional[str]:
     return None
 
 
-def _claim(cfg: Config, run_dir: Path, resume: Optional[str]) -> tuple[Optional[RunLock], Optional[str]]:
+def _claim(cfg: Config, run_dir: Path, resume: Optional[str], change_batch: bool
+           ) -> tuple[Optional[RunLock], Optional[str]]:
     """Rank 0: (the held lock, None), or (None, why not). Writes nothing unless the run may go on."""
     try:
         check_not_held(run_dir)  # first: a live owner is the reason, whatever its files say yet
     except RunDirBusy as busy:
         return None, str(busy)
-    error = _check(cfg, run_dir, resume) or _make_writable(run_dir)
+    error = _check(cfg, run_dir, resume, change_batch) or _make_writable(run_dir)
     if error is not None:
         return None, error
     try:
         lock = acquire(run_dir)
     except RunDirBusy as busy:  # another process took it since check_not_held
         return None, str(busy)
-    error = _check(cfg, run_dir, resume)  # again, as the owner: that process may have written a run since
+    # again, as the owner: that process may have written a run since
+    error = _check(cfg, run_dir, resume, change_batch)
     if error is not None:
         lock.release()
         return None, error
     return lock, None
 
 
-def claim_run_dir(cfg: Config, run_dir: Optional[Path], resume: Optional[str], dist) -> tuple[Path, RunLock]:
+def claim_run_dir(cfg: Config, run_dir: Optional[Path], resume: Optional[str], dist, change_batch: bool = False
+                  ) -> tuple[Path, RunLock]:
     """Rank 0 picks the directory (a default name carries a timestamp), checks it and locks it;
     every rank then uses rank 0's answer, or raises rank 0's error (RunDirBusy included: a
-    ConfigError, so the CLI prints one line and exits 2).
+    ConfigError, so the CLI prints one line and exits 2). change_batch: the saved config may differ
+    in BATCH_SETTINGS.
 
     Returns (run_dir, lock). The caller releases the lock when the run ends, `lock.release()`
     on every rank (a no-op on ranks other than 0); the kernel releases it if the process dies."""
     answer, lock = [None, None], RunLock()
     if dist.is_main:
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-        held, error = _claim(cfg, run_dir, resume)
+        held, error = _claim(cfg, run_dir, resume, change_batch)
         lock = held or lock
         answer = [str(run_dir), error]
     if multi_rank():

@@ -60,17 +60,19 @@ class Tracker:
     """Metrics to metrics.jsonl (append, one object per line) and to W&B."""
 
     def __init__(self, run_dir: Path, config: dict, cfg: WandbConfig, name: str, enabled: bool,
-                 resume_step: int = 0):
-        """resume_step: the step the run starts from (its checkpoint's; 0 when fresh)."""
+                 resume_steps_taken: int = 0):
+        """resume_steps_taken: the steps taken where the run starts (its checkpoint's TrainState.steps_taken;
+        0 when fresh)."""
         self.run_dir, self.enabled = run_dir, enabled
         self.metrics_path = run_dir / "metrics.jsonl"
         if enabled:
-            self._drop_rows_after(resume_step)
+            self._drop_rows_after(resume_steps_taken)
         self.wandb_run = self._start_wandb(config, cfg, name) if enabled else None
 
-    def _drop_rows_after(self, step: int) -> None:
+    def _drop_rows_after(self, steps_taken: int) -> None:
         """Rows a killed run logged after its last checkpoint are logged again by the resumed run:
-        drop them, so the file holds each step once. Replaced atomically; a torn last line goes too."""
+        drop them, so the file holds each step once. Counted in steps taken, which never go back
+        (`step` may, after a batch change). Replaced atomically; a torn last line goes too."""
         if not self.metrics_path.exists():
             return
         kept = []
@@ -79,7 +81,7 @@ class Tracker:
                 row = json.loads(line)
             except ValueError:  # the half-written line of a killed run
                 continue
-            if row.get("step", 0) <= step:
+            if row_position(row) <= steps_taken:
                 kept.append(line + "\n")
         write_text_atomic(self.metrics_path, "".join(kept))
 
@@ -110,13 +112,18 @@ class Tracker:
             log.warning(f"W&B disabled for this run: {type(err).__name__}: {err}")
             return None
 
-    def log(self, metrics: dict[str, Any]) -> None:
+    def log(self, metrics: dict[str, Any], steps_taken: Optional[int] = None) -> None:
+        """One row. steps_taken (TrainState.steps_taken) joins the row only where it differs from its
+        `step` (after a batch change), so a run without one logs the rows it always did; it is W&B's
+        step, which must never go back."""
         if not self.enabled:
             return
+        if steps_taken is not None and steps_taken != metrics["step"]:
+            metrics = {**metrics, "steps_taken": steps_taken}
         row = {k: _finite_or_none(v) for k, v in metrics.items()}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        self._wandb_call(lambda run: run.log(metrics, step=int(metrics["step"])))
+        self._wandb_call(lambda run: run.log(metrics, step=row_position(metrics)))
 
     def summary(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
@@ -136,6 +143,14 @@ class Tracker:
         except Exception as err:  # noqa: BLE001
             log.warning(f"W&B call failed, W&B disabled for the rest of the run: {err}")
             self.wandb_run = None
+
+
+def row_position(row: dict) -> int:
+    """A metrics row's place in the run, which never goes back: its steps_taken, else its step. An event
+    row (a batch change) is logged when a session starts, after the checkpoint it resumed: it counts
+    with the next step, so a resume from that checkpoint drops it, and a resumed W&B run, already at
+    the checkpoint's step, takes it (with the next step's row)."""
+    return int(row.get("steps_taken", row.get("step", 0))) + ("event" in row)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
