@@ -17,8 +17,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m trainer train --recipe demo
 
+# two test processes, one thread each: the tests are mostly short runs whose start-up (imports,
+# DeepSpeed) is single-threaded; two torch processes of two threads each on two cores would crawl
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -x -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -x -q -n $(TEST_JOBS) --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
