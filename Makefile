@@ -24,7 +24,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -x -q -n $(TEST_JOBS) --dist loadfile
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow -n $(TEST_JOBS) --dist loadfile
 
 # TensorFlow's own outputs that tests/test_tf_pipeline.py compares with (trainer/data/tf_pipeline.py, the lr
 # schedule). TF lives in its own venv, never the project's: `make test` reads the committed fixtures.

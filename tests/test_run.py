@@ -38,6 +38,8 @@ def test_short_run_writes_every_file(cli, tmp_path):
     for row in train_rows:
         assert {"step", "epoch", "loss", "lr", "images_per_s"} <= row.keys()
         assert row["images_per_s"] > 0
+        # the step moved the weights by a small fraction of their norm (SGD at this lr: ~1e-4 to 1e-2)
+        assert row["weight_norm"] > 0 and 1e-6 < row["update_ratio"] < 0.1
     assert [r["step"] for r in eval_rows] == [4, 6]
     for row in eval_rows:
         assert 0 <= row["top1"] <= row["top5"] <= 100 and 0 <= row["ema_top1"] <= row["ema_top5"] <= 100

@@ -40,6 +40,10 @@ class StepOutcome:
     applied: bool  # False: skipped for overflow or non-finite gradients; nothing changed
     loss_scale: Optional[float]  # the scale this step's gradients were computed with (fp16)
     grad_norm: object  # unscaled global norm before clipping: a float or a 0-d tensor (read lazily)
+    # the weights' global norm after the step and the norm of what the step changed, 0-d tensors on the
+    # device (read only when logged): their ratio is the step's update-to-weight ratio
+    weight_norm: Optional[torch.Tensor] = None
+    update_norm: Optional[torch.Tensor] = None
 
 
 class TrainEngine:
@@ -56,6 +60,7 @@ class TrainEngine:
         # the weights' norm per tensor after every step, for a collapse's diagnosis: a weight norm
         # that keeps growing shows why no loss scale could make the next step finite
         self.weight_names, self._weights = zip(*self.module.named_parameters())
+        self._before = [w.detach().clone() for w in self._weights]  # the weights before the step (a copy, reused)
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.ds(inputs)
@@ -86,6 +91,7 @@ class TrainEngine:
         """The optimizer step that ends global batch number `step` (1-based): applied, or skipped for
         overflow or non-finite gradients. Raises Collapsed when the run cannot recover."""
         scale = self.loss_scale()  # the scale this step's gradients were computed with
+        torch._foreach_copy_(self._before, [w.detach() for w in self._weights])
         try:
             self.ds.step()
         except Exception as err:  # DeepSpeed 0.19's ZeRO 1/2 scaler raises instead of going below its minimum
@@ -95,6 +101,9 @@ class TrainEngine:
             raise
         outcome = self._outcome(scale)
         weight_norms = torch.stack(torch._foreach_norm(self._weights, 2, dtype=torch.float32))  # stays on the device
+        changes = torch._foreach_sub([w.detach() for w in self._weights], self._before)
+        outcome.weight_norm = torch.linalg.vector_norm(weight_norms)
+        outcome.update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(changes, 2, dtype=torch.float32)))
         collapse = self.monitor.record(StepRecord(step, self._last_loss, outcome.applied, outcome.loss_scale,
                                                   outcome.grad_norm, weight_norms))
         if collapse:

@@ -189,12 +189,14 @@ class Run:
         state, plan, engine, window = self.state, self.parts.plan, self.parts.step.engine, self.window
         elapsed = time.time() - window.started
         state.train_seconds += elapsed
-        grad_norm = result.outcome.grad_norm
+        grad_norm, outcome = result.outcome.grad_norm, result.outcome
         row = {"step": state.step, "epoch": plan.epoch_at(state.step),
                # note: reading the loss is a device sync, done only on logging steps
                "loss": mean_over_ranks(window.loss_sum / window.loss_count),
                "lr": self.parts.schedule(state.step - 1), "images_per_s": window.images / max(elapsed, 1e-9),
                "grad_norm": None if grad_norm is None else float(grad_norm),
+               # this step's: ||w_t - w_t-1|| / ||w_t|| (0 for a skipped step), and ||w_t||
+               "update_ratio": float(outcome.update_norm / outcome.weight_norm), "weight_norm": float(outcome.weight_norm),
                "loss_scale": engine.loss_scale(), "overflow": not result.outcome.applied,
                "skipped_steps": engine.skipped_steps, "corrupt_images": len(self.corrupt_images()),
                **({"compiled_graphs": self.compiles.graphs(), "recompiles": self.compiles.recompiles()}
