@@ -5,6 +5,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -99,3 +100,39 @@ def test_prefix_selects_variants_in_recipe_order():
 def test_sweep_help_names_plan_and_seeds():
     result = run_cli("sweep", "--help", cwd=REPO)
     assert result.returncode == 0 and "--plan" in result.stdout and "--seeds" in result.stdout
+
+
+def test_the_proxy_protocol_plans_every_row_once_per_seed_with_its_precision(tmp_path):
+    """`--proxy cifar10`: the protocol's rows x its 2 seeds; fp16 only for the rows whose change is fp16;
+    rows the fp32 stand-in makes equal (6-9 are 4) run once; the label thresholds go in sweep.json."""
+    from trainer.tools.sweep import plan_proxy, read_proxy, write_manifest
+
+    runs = plan_proxy("cifar10", Path("sw"), None, ["data.path=/somewhere"])
+    assert {r.seed for r in runs} == {0, 1} and len(runs) == 2 * len({r.variant for r in runs})
+    rows = {r.variant: r for r in runs if r.seed == 0}
+    assert "engine.allow_cpu_fp16=true" in rows["notes/23"].overrides
+    assert "engine.precision=fp32" in rows["notes/37"].overrides and "engine.precision=fp32" in rows["notes/6"].overrides
+    assert rows["notes/6"].same_as == rows["notes/4"].run_dir and rows["notes/9"].same_as == rows["notes/4"].run_dir
+    assert rows["notes/5"].same_as is None and rows["notes/23"].same_as is None
+    assert rows["notes/1"].overrides[-1] == "data.path=/somewhere"  # the user's settings come last
+    assert len(plan_proxy("cifar10", Path("sw"), 1, [], only="notes/1,notes/23")) == 2
+
+    write_manifest(runs, tmp_path / "sw", "cifar10")
+    manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert manifest["proxy"] == "cifar10" and manifest["labels"] == read_proxy("cifar10")["labels"]
+    assert manifest["labels"]["fail_below"] < manifest["labels"]["learned_from"]
+
+
+def test_an_unknown_proxy_is_one_line(tmp_path):
+    result = run_cli("sweep", "--proxy", "imagenet-tiny", cwd=tmp_path)
+    assert result.returncode == 2 and "no protocol 'imagenet-tiny'; available: cifar10" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "runs").exists()
+
+
+def test_jobs_run_side_by_side(tmp_path):
+    result = run_cli(*sweep_args(tmp_path / "sw", "--jobs", "2"), cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    started = [i for i, line in enumerate(lines) if ": training in " in line]
+    finished = [i for i, line in enumerate(lines) if ": completed (exit 0)" in line]
+    assert len(started) == len(finished) == 2 and max(started) < min(finished)  # both ran at once
