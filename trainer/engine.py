@@ -100,8 +100,9 @@ class TrainEngine:
                                 step=step, loss_scale=scale) from err
             raise
         outcome = self._outcome(scale)
-        weight_norms = torch.stack(torch._foreach_norm(self._weights, 2, dtype=torch.float32))  # stays on the device
-        changes = torch._foreach_sub([w.detach() for w in self._weights], self._before)
+        weights = [w.detach() for w in self._weights]  # no autograd graph for bookkeeping
+        weight_norms = torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32))  # stays on the device
+        changes = torch._foreach_sub(weights, self._before)
         outcome.weight_norm = torch.linalg.vector_norm(weight_norms)
         outcome.update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(changes, 2, dtype=torch.float32)))
         collapse = self.monitor.record(StepRecord(step, self._last_loss, outcome.applied, outcome.loss_scale,
