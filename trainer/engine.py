@@ -41,7 +41,8 @@ class StepOutcome:
     loss_scale: Optional[float]  # the scale this step's gradients were computed with (fp16)
     grad_norm: object  # unscaled global norm before clipping: a float or a 0-d tensor (read lazily)
     # the weights' global norm after the step and the norm of what the step changed, 0-d tensors on the
-    # device (read only when logged): their ratio is the step's update-to-weight ratio
+    # device (read only when logged; update_norm only for a step asked to measure it): their ratio is the
+    # step's update-to-weight ratio
     weight_norm: Optional[torch.Tensor] = None
     update_norm: Optional[torch.Tensor] = None
 
@@ -60,7 +61,6 @@ class TrainEngine:
         # the weights' norm per tensor after every step, for a collapse's diagnosis: a weight norm
         # that keeps growing shows why no loss scale could make the next step finite
         self.weight_names, self._weights = zip(*self.module.named_parameters())
-        self._before = [w.detach().clone() for w in self._weights]  # the weights before the step (a copy, reused)
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.ds(inputs)
@@ -87,11 +87,12 @@ class TrainEngine:
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()
 
-    def step(self, step: int) -> StepOutcome:
+    def step(self, step: int, measure_update: bool = False) -> StepOutcome:
         """The optimizer step that ends global batch number `step` (1-based): applied, or skipped for
-        overflow or non-finite gradients. Raises Collapsed when the run cannot recover."""
+        overflow or non-finite gradients. Raises Collapsed when the run cannot recover. measure_update:
+        also the norm of what the step changed (a copy of the weights: only for the steps that are logged)."""
         scale = self.loss_scale()  # the scale this step's gradients were computed with
-        torch._foreach_copy_(self._before, [w.detach() for w in self._weights])
+        before = [w.detach().clone() for w in self._weights] if measure_update else None
         try:
             self.ds.step()
         except Exception as err:  # DeepSpeed 0.19's ZeRO 1/2 scaler raises instead of going below its minimum
@@ -102,9 +103,10 @@ class TrainEngine:
         outcome = self._outcome(scale)
         weights = [w.detach() for w in self._weights]  # no autograd graph for bookkeeping
         weight_norms = torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32))  # stays on the device
-        changes = torch._foreach_sub(weights, self._before)
         outcome.weight_norm = torch.linalg.vector_norm(weight_norms)
-        outcome.update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(changes, 2, dtype=torch.float32)))
+        if before is not None:
+            changes = torch._foreach_sub(weights, before)
+            outcome.update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(changes, 2, dtype=torch.float32)))
         collapse = self.monitor.record(StepRecord(step, self._last_loss, outcome.applied, outcome.loss_scale,
                                                   outcome.grad_norm, weight_norms))
         if collapse:

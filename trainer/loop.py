@@ -59,7 +59,7 @@ def train(run: "Run", stop: StopRequest) -> dict:
         while not plan.is_last(state.step) and stop.agreed is None:
             for micro_batches in steps_of_epoch(parts, state):
                 result = train_step(parts.step, micro_batches, state.epoch, state.batches_in_epoch, state.step,
-                                    parts.schedule(state.step))  # raises Collapsed
+                                    parts.schedule(state.step), plan.logs_at(state.step + 1))  # raises Collapsed
                 state.count_step(len(micro_batches), plan.global_batch)
                 run.after_step(result)
                 stop.agree(state.step)  # every rank stops at the same step, or none does

@@ -45,10 +45,11 @@ def prepare_batch(parts: StepParts, images: torch.Tensor, targets: torch.Tensor,
     return inputs.to(parts.engine.input_dtype), targets
 
 
-def train_step(parts: StepParts, micro_batches: list, epoch: int, first_batch: int, step: int, lr: float
-               ) -> StepResult:
+def train_step(parts: StepParts, micro_batches: list, epoch: int, first_batch: int, step: int, lr: float,
+               measure_update: bool = False) -> StepResult:
     """Optimizer step number step + 1 over `micro_batches` ((uint8 images, labels) pairs), which are
-    micro batches first_batch, first_batch + 1, ... of `epoch` on this rank."""
+    micro batches first_batch, first_batch + 1, ... of `epoch` on this rank. measure_update: the
+    outcome carries the norm of the weights' change (for a step whose row is logged)."""
     engine = parts.engine
     engine.set_lr(lr)
     losses = []
@@ -59,7 +60,7 @@ def train_step(parts: StepParts, micro_batches: list, epoch: int, first_batch: i
         engine.backward(loss if parts.l2_penalty is None else loss + parts.l2_penalty())
         losses.append(loss.detach())
     try:
-        outcome = engine.step(step + 1)
+        outcome = engine.step(step + 1, measure_update)
     except Collapsed as collapse:
         collapse.batch = (inputs, targets)  # the diagnosis replays it
         raise
