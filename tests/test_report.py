@@ -29,7 +29,7 @@ def report(tmp_path_factory):
         result = run_cli(*args, cwd=root)
         assert result.returncode == code, result.stderr[-2000:]
     result = run_cli("report", "--sweep", "sweep", "--healthy", "healthy", "--collapsed", "collapsed",
-                     "--out", "out", cwd=root)
+                     "--search", "healthy", "collapsed", "--out", "out", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
@@ -94,9 +94,19 @@ def test_collapse_report_compares_the_runs_and_shows_the_diagnosis(report):
     assert rows["loss scale, first → last logged"][1].endswith("→ 1")  # down to DeepSpeed's minimum
     assert "### Run collapsed at step" in text  # the trainer's diagnosis.md, headings shifted
     assert "optim.name=rmsproptf" in text and "loss.smoothing_impl=log_softmax" in text
-    for name in ("loss_scale", "loss", "grad_norm"):
+    for name in ("loss_scale", "loss", "grad_norm", "search"):
         assert f"![png](loss_scale_collapse_files/{name}.png)" in text
         assert (report / "out" / "loss_scale_collapse_files" / f"{name}.png").stat().st_size > 0
+
+
+def test_the_search_section_says_how_far_each_run_got(report):
+    rows = table_rows((report / "out" / "loss_scale_collapse.md").read_text())
+    healthy, collapsed = rows["healthy"], rows["collapsed"]  # the search table: one row per run, by directory
+    assert healthy[3:5] == ["completed", "8 of 8"] and collapsed[3] == "collapsed"
+    assert collapsed[0] == "rmsprop" and float(collapsed[1]) == 4.0  # the stress variant's torch RMSprop at lr 4
+    assert float(collapsed[6]) == 1  # the lowest loss scale: DeepSpeed's minimum
+    first, largest = (float(norm) for norm in collapsed[9].split(" → "))
+    assert largest > first  # the weights grew before the collapse
 
 
 def test_a_missing_run_directory_is_a_one_line_error_and_writes_nothing(report):

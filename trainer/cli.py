@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the row the deltas are against (default: notes row 1 if swept, else the first variant)")
     report.add_argument("--healthy", type=Path, metavar="RUN", help="an fp16 run that trained normally")
     report.add_argument("--collapsed", type=Path, metavar="RUN", help="an fp16 run whose loss scale collapsed")
+    report.add_argument("--search", nargs="+", type=Path, default=[], metavar="RUN",
+                        help="more fp16 runs, e.g. one setting at several learning rates: how far each got, "
+                             "a section of the collapse report")
     report.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
 
     bench = verbs.add_parser("bench", help="benchmarks (bench data, bench train)")
@@ -250,7 +253,7 @@ def cmd_report(args) -> int:
     from .tools.report import NotebookFailed, report
 
     try:
-        written = report(args.out, args.sweep, args.baseline, args.healthy, args.collapsed)
+        written = report(args.out, args.sweep, args.baseline, args.healthy, args.collapsed, args.search)
     except NotebookFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """Reports: the notebooks executed headless on given runs and rendered as Markdown.
 
-    python -m trainer report --sweep runs/sweep-notes_b0 --healthy runs/fp16 --collapsed runs/fp16-rmsprop
+    python -m trainer report --sweep runs/sweep-notes_b0 --healthy runs/fp16 --collapsed runs/fp16-rmsprop \
+        [--search runs/fp16-lr0.1 runs/fp16-lr1]
 
 writes reports/ablations.md and reports/loss_scale_collapse.md, each with its PNG figures in
 <name>_files/ beside it. The notebooks (notebooks/*.ipynb) take their inputs from environment
@@ -60,13 +61,14 @@ def ablations_env(sweep_dirs: list[Path], baseline: Optional[str]) -> dict[str, 
     return env
 
 
-def collapse_env(healthy: Path, collapsed: Path) -> dict[str, str]:
+def collapse_env(healthy: Path, collapsed: Path, search: list[Path] = ()) -> dict[str, str]:
     """notebooks/loss_scale_collapse.ipynb's settings; ConfigError if a run directory is missing."""
-    for flag, run_dir in (("--healthy", healthy), ("--collapsed", collapsed)):
+    for flag, run_dir in (("--healthy", healthy), ("--collapsed", collapsed), *(("--search", d) for d in search)):
         if not (run_dir / "metrics.jsonl").is_file():
             what = "no such directory" if not run_dir.is_dir() else "no metrics.jsonl in it"
             raise ConfigError(f"{flag} {run_dir}: {what} (a run directory written by `python -m trainer train`)")
-    return {"HEALTHY_RUN": str(healthy.resolve()), "COLLAPSED_RUN": str(collapsed.resolve())}
+    return {"HEALTHY_RUN": str(healthy.resolve()), "COLLAPSED_RUN": str(collapsed.resolve()),
+            "SEARCH_RUNS": ",".join(str(d.resolve()) for d in search)}
 
 
 def execute(name: str, env: dict[str, str], timeout: float = 600):
@@ -97,7 +99,7 @@ def render(notebook, name: str) -> dict[str, bytes]:
 
 
 def report(out_dir: Path, sweep_dirs: list[Path] = (), baseline: Optional[str] = None,
-           healthy: Optional[Path] = None, collapsed: Optional[Path] = None) -> list[Path]:
+           healthy: Optional[Path] = None, collapsed: Optional[Path] = None, search: list[Path] = ()) -> list[Path]:
     """Validate every input, execute every notebook, then write: a failure writes nothing."""
     jobs = {}
     if sweep_dirs:
@@ -106,8 +108,10 @@ def report(out_dir: Path, sweep_dirs: list[Path] = (), baseline: Optional[str] =
         raise ConfigError("--baseline needs --sweep")
     if (healthy is None) != (collapsed is None):
         raise ConfigError("--healthy and --collapsed go together: the notebook compares the two runs")
+    if search and healthy is None:
+        raise ConfigError("--search needs --healthy and --collapsed: its runs are a section of their report")
     if healthy is not None:
-        jobs["loss_scale_collapse"] = collapse_env(healthy, collapsed)
+        jobs["loss_scale_collapse"] = collapse_env(healthy, collapsed, list(search))
     if not jobs:
         raise ConfigError("nothing to report: give --sweep DIR..., or --healthy RUN --collapsed RUN, or both")
     with tempfile.TemporaryDirectory() as figures:  # the notebooks' own PNG copies; the report keeps its own
