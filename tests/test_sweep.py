@@ -123,6 +123,15 @@ def test_the_proxy_protocol_plans_every_row_once_per_seed_with_its_precision(tmp
     assert manifest["labels"]["fail_below"] < manifest["labels"]["learned_from"]
 
 
+def test_a_proxy_plan_launches_one_process_per_run(tmp_path):
+    """The proxy's global batches are one process's: its plan must not put 8 ranks on them."""
+    result = run_cli("sweep", "--proxy", "cifar10", "--variants", "notes/1", "--plan", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("deepspeed ")]
+    assert len(lines) == 2 and all(line.startswith("deepspeed --num_gpus 1 ") for line in lines)
+    assert "#SBATCH --gpus-per-node=1" in result.stdout and not (tmp_path / "runs").exists()
+
+
 def test_an_unknown_proxy_is_one_line(tmp_path):
     result = run_cli("sweep", "--proxy", "imagenet-tiny", cwd=tmp_path)
     assert result.returncode == 2 and "no protocol 'imagenet-tiny'; available: cifar10" in result.stderr

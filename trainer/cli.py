@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--group", help="W&B group (default: the sweep directory's name)")
     sweep.add_argument("--plan", action="store_true",
                        help="print deepspeed launcher lines and a SLURM array script instead of running")
-    sweep.add_argument("--gpus", type=positive_int, default=8, help="GPUs per run in --plan (default 8)")
+    sweep.add_argument("--gpus", type=positive_int,
+                       help="GPUs per run in --plan (default 8; 1 with --proxy, whose global batches are one process's)")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
     pack = verbs.add_parser("pack", help="pack an ImageFolder tree into one LMDB file (data.source=lmdb)",
@@ -231,7 +232,8 @@ def cmd_sweep(args) -> int:
         runs = plan_runs(args.recipe, select_variants(args.recipe, args.variants), args.seeds or 1, sweep_dir,
                          args.overrides, args.group)
     if args.plan:
-        print_plan(runs, args.gpus, Path.cwd())
+        # a proxy's batches and lrs are set for one process: under 8 ranks each global batch would be 8x
+        print_plan(runs, args.gpus or (1 if args.proxy else 8), Path.cwd())
         return 0
     write_manifest(runs, sweep_dir, args.proxy)
     return run_sweep(runs, args.jobs)
