@@ -132,6 +132,18 @@ def test_a_proxy_plan_launches_one_process_per_run(tmp_path):
     assert "#SBATCH --gpus-per-node=1" in result.stdout and not (tmp_path / "runs").exists()
 
 
+def test_a_proxy_run_in_parts_keeps_the_whole_protocol_in_its_manifest(tmp_path):
+    """--variants runs some rows first; sweep.json still lists every row, so the report counts the rest as
+    not run yet (and a later full run does not need to rewrite it to be reported)."""
+    result = run_cli("sweep", "--proxy", "cifar10", "--variants", "notes/1", "--seeds", "1", *FAST,
+                     "engine.precision=fp32", "compile.channels_last=false", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "runs" / "proxy-cifar10" / "sweep.json").read_text())
+    listed = {entry["variant"] for entry in manifest["runs"]}
+    assert {"notes/1", "notes/5", "notes/23", "notes/42"} <= listed and len(manifest["runs"]) == len(listed)
+    assert [p.name for p in (tmp_path / "runs" / "proxy-cifar10").glob("*/summary.json")] == ["summary.json"]
+
+
 def test_an_unknown_proxy_is_one_line(tmp_path):
     result = run_cli("sweep", "--proxy", "imagenet-tiny", cwd=tmp_path)
     assert result.returncode == 2 and "no protocol 'imagenet-tiny'; available: cifar10" in result.stderr

@@ -227,15 +227,18 @@ def cmd_sweep(args) -> int:
     if args.proxy:
         sweep_dir = args.sweep_dir or Path("runs") / f"proxy-{args.proxy}"
         runs = plan_proxy(args.proxy, sweep_dir, args.seeds, args.overrides, args.variants, args.group)
+        # the manifest lists the whole protocol, so that running some rows first (--variants) leaves the
+        # report counting the others as not run yet instead of a table of only those rows
+        listed = plan_proxy(args.proxy, sweep_dir, args.seeds, args.overrides, None, args.group)
     else:
         sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{args.recipe}"
-        runs = plan_runs(args.recipe, select_variants(args.recipe, args.variants), args.seeds or 1, sweep_dir,
-                         args.overrides, args.group)
+        runs = listed = plan_runs(args.recipe, select_variants(args.recipe, args.variants), args.seeds or 1,
+                                  sweep_dir, args.overrides, args.group)
     if args.plan:
         # a proxy's batches and lrs are set for one process: under 8 ranks each global batch would be 8x
         print_plan(runs, args.gpus or (1 if args.proxy else 8), Path.cwd())
         return 0
-    write_manifest(runs, sweep_dir, args.proxy)
+    write_manifest(listed, sweep_dir, args.proxy)
     return run_sweep(runs, args.jobs)
 
 
