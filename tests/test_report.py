@@ -177,6 +177,8 @@ def test_ablations_labels_rows_and_compares_each_with_the_row_it_modifies(tmp_pa
         "notes/7": [("completed", 11.0, 11.5, (2.0,)), ("completed", 9.0, 9.0, (2.0,))],  # below 12: failed
         "notes/10": [("completed", 50.0, 50.0, (2.0,)), ("completed", 70.0, 70.0, (2.0,))],
         "notes/12": [("completed", 55.0, 55.0, (2.0,)), ("completed", 66.0, 66.0, (2.0,))],  # modifies 10
+        # stopped before their last step (to be continued): their last evaluation is no result, no label
+        "notes/13": [("interrupted", 40.0, 40.0, (2.0,)), ("interrupted", 41.0, 41.0, (2.0,))],
     }
     entries = []
     for variant, runs in seeds.items():
@@ -192,7 +194,7 @@ def test_ablations_labels_rows_and_compares_each_with_the_row_it_modifies(tmp_pa
     text = (tmp_path / "out" / "ablations.md").read_text()
     table, compared, summary = tables(text)
     assert "`fail_below` 12, `learned_from` 18" in text and "not informative at this length" in text
-    assert "little power" in text
+    assert "little power" in text and "16 with a result, of 18 listed" in text
     labels = {r["#"]: r["label"] for r in table}
     assert labels == {"2": "learned", "3": "learned", "4": "learned", "5": "failed",
                       "6": "not informative at this length", "7": "failed", "10": "learned", "12": "learned"}
