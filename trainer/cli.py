@@ -229,7 +229,7 @@ def cmd_sweep(args) -> int:
         runs = plan_proxy(args.proxy, sweep_dir, args.seeds, args.overrides, args.variants, args.group)
         # the manifest lists the whole protocol, so that running some rows first (--variants) leaves the
         # report counting the others as not run yet instead of a table of only those rows
-        listed = plan_proxy(args.proxy, sweep_dir, args.seeds, args.overrides, None, args.group)
+        listed = plan_proxy(args.proxy, sweep_dir, args.seeds, args.overrides, None, args.group) if args.variants else runs
     else:
         sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{args.recipe}"
         runs = listed = plan_runs(args.recipe, select_variants(args.recipe, args.variants), args.seeds or 1,
