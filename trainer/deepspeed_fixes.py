@@ -1,7 +1,9 @@
 """What DeepSpeed (0.19) does not do for this trainer, each fixed in one place and used only by
 trainer/engine.py, which wraps the engine for the loop:
 
-- it refuses fp16 on a CPU without fast fp16 kernels, although PyTorch computes it (opt-in);
+- it refuses fp16 on a CPU without fast fp16 kernels, although PyTorch computes it (opt-in); there,
+  convolutions and linear layers compute from their half inputs in fp32 and round to half, as a GPU's
+  fp16 kernels do, because PyTorch's own CPU half kernels are ~11x slower than fp32;
 - its fp16/bf16 modes cast every parameter, BN included, to half while BN buffers stay fp32, and
   CPU batch_norm rejects that mix: batch norm is computed in fp32;
 - at ZeRO 0 with a client optimizer (FP16_UnfusedOptimizer), engine.backward does not scale the loss
@@ -34,13 +36,13 @@ def check_precision_supported(precision: str, allow_cpu_fp16: bool) -> None:
         raise ConfigError(f"engine.precision=bf16: not supported on this {accelerator.device_name()}; use fp32")
 
 
-_FP32_NORM_CLASSES: dict[type, type] = {}
+_FP32_CLASSES: dict[type, type] = {}
 
 
-def _fp32_norm_class(cls: type) -> type:
-    """A subclass of a BatchNorm class whose forward runs in fp32 and returns the input's dtype."""
-    if cls not in _FP32_NORM_CLASSES:
-        class FP32Norm(cls):
+def _fp32_class(cls: type) -> type:
+    """A subclass of a module class whose forward runs in fp32 and returns the input's dtype."""
+    if cls not in _FP32_CLASSES:
+        class FP32Module(cls):
             def forward(self, x):
                 params = dict(self.named_parameters(recurse=False))
                 if x.dtype == torch.float32 and all(p.dtype == torch.float32 for p in params.values()):
@@ -50,23 +52,36 @@ def _fp32_norm_class(cls: type) -> type:
                     out = torch.func.functional_call(self, fp32_params, (x.float(),))
                 return out.to(x.dtype)
 
-        FP32Norm.__name__ = FP32Norm.__qualname__ = f"FP32{cls.__name__}"
-        _FP32_NORM_CLASSES[cls] = FP32Norm
-    return _FP32_NORM_CLASSES[cls]
+        FP32Module.__name__ = FP32Module.__qualname__ = f"FP32{cls.__name__}"
+        _FP32_CLASSES[cls] = FP32Module
+    return _FP32_CLASSES[cls]
+
+
+def _compute_in_fp32(model: nn.Module, kinds: tuple[type, ...]) -> int:
+    """Swap the class of every module of these kinds for its fp32-computing subclass. Only the class
+    changes (state_dict keys and isinstance checks stay), so it works whatever DeepSpeed does with the
+    parameters: at ZeRO 1/2 they are views into its flat half buffer, re-pointed after every step.
+    Returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, kinds) and type(module) not in _FP32_CLASSES.values():
+            module.__class__ = _fp32_class(type(module))
+            changed += 1
+    return changed
 
 
 def batchnorm_in_fp32(model: nn.Module) -> int:
-    """Make every BatchNorm compute in fp32 against its fp32 running stats.
+    """Make every BatchNorm compute in fp32 against its fp32 running stats."""
+    return _compute_in_fp32(model, (nn.modules.batchnorm._BatchNorm,))
 
-    Only the class changes (state_dict keys and isinstance checks stay), so it works
-    whatever DeepSpeed does with the parameters: at ZeRO 1/2 they are views into its
-    flat half buffer, re-pointed after every step. Returns how many were changed."""
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in _FP32_NORM_CLASSES.values():
-            module.__class__ = _fp32_norm_class(type(module))
-            changed += 1
-    return changed
+
+def convolutions_in_fp32(model: nn.Module) -> int:
+    """fp16 on the CPU: PyTorch's half convolutions there take a slow generic path (~11x slower than
+    fp32 for B0, most of it in the depthwise backward). Convolutions and linear layers compute from
+    their half inputs and weights in fp32 and round the result to half, forward and backward: what a
+    GPU's fp16 kernels do (fp32 accumulation), at fp32 speed. Activations, gradients and weights stay
+    half, so overflow, loss scaling and skipped steps are fp16's."""
+    return _compute_in_fp32(model, (nn.Conv2d, nn.Linear))
 
 
 def unfused_fp16(engine) -> bool:

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from .config import ConfigError, EngineConfig
 from .deepspeed_fixes import (SkipNonFiniteStep, batchnorm_in_fp32, check_precision_supported,
-                              forget_initialize_step, scaled_for_unfused_fp16, unfused_fp16)
+                              convolutions_in_fp32, forget_initialize_step, scaled_for_unfused_fp16,
+                              unfused_fp16)
 from .health import HealthMonitor, StepRecord
 from .plan import RunPlan
 
@@ -178,9 +179,12 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
                  ) -> TrainEngine:
     """DeepSpeed's engine around the model and the client optimizer, behind TrainEngine."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     if cfg.precision in ("fp16", "bf16"):
         batchnorm_in_fp32(model)  # DeepSpeed casts BN weights to half; BN must still compute in fp32
+    if cfg.precision == "fp16" and get_accelerator().device_name() == "cpu":
+        convolutions_in_fp32(model)
     guard = SkipNonFiniteStep(optimizer) if cfg.precision == "fp32" and cfg.zero_stage == 0 else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=guard or optimizer, config=ds_config)
     forget_initialize_step(engine, optimizer)

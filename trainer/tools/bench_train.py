@@ -6,7 +6,8 @@
 Every row trains the same model (same init), with SGD (momentum 0.9), label-smoothed cross-entropy
 and the same batch of synthetic uint8 images held in memory, normalized on the device each step.
 The bare loop is what one writes by hand: forward, backward, step (autocast for fp16/bf16, with a
-GradScaler for fp16). The trainer rows are `fit` itself, on data.source=synthetic: DeepSpeed, the
+GradScaler for fp16; on a CPU that runs PyTorch's own slow half kernels, where the trainer accumulates
+its fp16 convolutions in fp32 as a GPU does). The trainer rows are `fit` itself, on data.source=synthetic: DeepSpeed, the
 EMA, the lr schedule, the health checks and the logging all run. Throughput is the median over
 windows of `--window` steps after the first window (which holds the first step: compiling, allocator
 warm-up); the first step's time is reported, and compile time = compiled first step - eager first step.
@@ -42,7 +43,7 @@ def trainer_overrides(args, compile_setting: str) -> list[str]:
             "optim.weight_decay=0", "schedule.name=constant", "schedule.warmup_epochs=0",
             f"loss.label_smoothing={SMOOTHING}", "mixup.mode=off",
             f"train.micro_batch={args.batch}", f"train.max_steps={args.steps}", "train.epochs=1000",
-            f"engine.precision={args.precision}", f"compile.target={compile_setting}",
+            f"engine.precision={args.precision}", "engine.allow_cpu_fp16=true", f"compile.target={compile_setting}",
             f"compile.mode={args.compile_mode}", f"compile.channels_last={args.channels_last}",
             f"train.log_every_steps={args.window}", "train.eval_every_epochs=1000",
             "checkpoint.every_epochs=1000", "checkpoint.keep_best=none", "wandb.mode=offline"]
