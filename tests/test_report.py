@@ -107,6 +107,8 @@ def test_the_search_section_says_how_far_each_run_got(report):
     assert float(collapsed[6]) == 1  # the lowest loss scale: DeepSpeed's minimum
     first, largest = (float(norm) for norm in collapsed[9].split(" → "))
     assert largest > first  # the weights grew before the collapse
+    summary = json.loads((report / "healthy" / "summary.json").read_text())["final"]
+    assert healthy[10] == f"{summary['top1']:.1f} ({summary['ema_top1']:.1f})" and collapsed[10] == "—"
 
 
 def test_a_missing_run_directory_is_a_one_line_error_and_writes_nothing(report):
