@@ -206,3 +206,22 @@ def test_a_group_signal_to_a_torchrun_run_checkpoints(tmp_path):
     os.killpg(proc.pid, signal.SIGTERM)
     finish(proc, tmp_path)
     assert_interrupted_with_checkpoint(tmp_path / "run")
+
+
+def test_the_launchers_copy_of_a_signal_is_the_same_request_even_during_the_stop_checkpoint(monkeypatch):
+    """Under load the launcher's forwarded copy can arrive while the stop checkpoint is written (a CI run lost
+    its checkpoint so: status failed, exit -2). A copy within the window goes on; a third signal, or a second
+    after the window, stops at once."""
+    from trainer import stop as stop_module
+
+    request = stop_module.StopRequest()
+    request._handle(signal.SIGTERM, None)
+    request._handle(signal.SIGTERM, None)  # the launcher's copy: no exception, the stop goes on
+    assert request.received == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt):
+        request._handle(signal.SIGINT, None)
+    late = stop_module.StopRequest()
+    late._handle(signal.SIGTERM, None)
+    monkeypatch.setattr(stop_module.time, "monotonic", lambda: late.first_at + stop_module.REPEAT_WINDOW_S + 1)
+    with pytest.raises(KeyboardInterrupt):
+        late._handle(signal.SIGTERM, None)

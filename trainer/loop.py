@@ -67,7 +67,6 @@ def train(run: "Run", stop: StopRequest) -> dict:
                     run.log_train(result)
                 new_best = run.evaluate() if plan.evaluates_at(state.step) else False
                 if plan.checkpoints_at(state.step) or stop.agreed or new_best:
-                    stop.checkpointing = stop.agreed is not None  # a signal now stops at once
                     run.save_checkpoint(new_best)
                 if plan.is_last(state.step) or stop.agreed:
                     break

@@ -5,8 +5,9 @@ Clusters stop a job by signalling every process of it (SLURM's scancel and time 
 Ctrl-C in a terminal), and launchers forward what they receive, so one request often arrives twice in
 a moment: the group's signal, then the launcher's copy (DeepSpeed's launch.py sends SIGTERM to each
 rank it started, torchrun likewise). A second signal within REPEAT_WINDOW_S of the first counts as the
-same request. A signal once the stop checkpoint is being written, a later second one, or a third,
-stops the process at once.
+same request, even while the stop checkpoint is being written (on a loaded machine the launcher's copy
+can arrive then: stopping at once would lose the run the signal asked to save). A later second one,
+or a third, stops the process at once.
 
 DeepSpeed's `deepspeed` command forwards nothing when it is itself signalled (on one node it just
 dies, and its launch.py and the ranks train on as orphans): a rank whose launch.py has lost the
@@ -40,7 +41,6 @@ class StopRequest:
         self.received: Optional[str] = None  # this rank's own signal, not yet agreed
         self.deliveries = 0
         self.first_at = 0.0
-        self.checkpointing = False  # set while the stop checkpoint is written: a signal then stops at once
 
     def _handle(self, signum, frame):
         self.deliveries += 1
@@ -48,9 +48,9 @@ class StopRequest:
         if self.deliveries == 1:
             self.received, self.first_at = name, time.monotonic()
             return
-        repeat = self.deliveries == 2 and time.monotonic() - self.first_at < REPEAT_WINDOW_S
-        if self.checkpointing or not repeat:
-            raise KeyboardInterrupt(f"{name} while stopping: stopped at once")
+        if self.deliveries == 2 and time.monotonic() - self.first_at < REPEAT_WINDOW_S:
+            return  # the same request, forwarded: the stop (and its checkpoint) goes on
+        raise KeyboardInterrupt(f"{name} while stopping: stopped at once")
 
     @contextlib.contextmanager
     def handling_signals(self):
